@@ -1,0 +1,43 @@
+//! Reading and writing whole frames on an async stream, with the header's bounds checked
+//! before any payload buffer is allocated.
+
+use proto::frame::HEADER_LEN;
+use proto::{FrameError, Header};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameReadError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+}
+
+/// Reads one frame. `Closed` when the peer closed cleanly between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Header, Vec<u8>), FrameReadError> {
+    let mut hb = [0u8; HEADER_LEN];
+    match r.read_exact(&mut hb).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameReadError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let header = Header::decode(&hb)?;
+    let mut payload = vec![0u8; header.payload_len as usize];
+    r.read_exact(&mut payload).await?;
+    header.check_payload(&payload)?;
+    Ok((header, payload))
+}
+
+/// Writes one frame; `header.payload_len`/`payload_crc` are set from `payload`. Does not flush.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut header: Header,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    header.seal(payload);
+    w.write_all(&header.encode()).await?;
+    w.write_all(payload).await
+}

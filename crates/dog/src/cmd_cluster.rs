@@ -1,0 +1,67 @@
+//! `dog cluster ...`
+
+use crate::conn::Sheep;
+use crate::size::{human, parse_size};
+use anyhow::Result;
+use clap::Subcommand;
+use proto::msg::{ClusterInfoReply, FormatRequest};
+use proto::Opcode;
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Format the cluster: fixes the default number of copies and the object size.
+    Format {
+        /// Replicas of every object (default 3).
+        #[arg(long, short = 'c', default_value_t = 3)]
+        copies: u32,
+        /// Size of data objects, a power of two (default 4M).
+        #[arg(long, default_value = "4M", value_parser = parse_size)]
+        object_size: u64,
+    },
+    /// Show status, epoch, members and format.
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every node cleanly.
+    Shutdown,
+}
+
+pub async fn run(addr: &str, cmd: ClusterCmd) -> Result<()> {
+    let sheep = Sheep::connect(addr).await?;
+    match cmd {
+        ClusterCmd::Format { copies, object_size } => {
+            let object_size = u32::try_from(object_size).map_err(|_| anyhow::anyhow!("object size too large"))?;
+            let info: ClusterInfoReply = sheep.json(Opcode::ClusterFormat, &FormatRequest { copies, object_size }).await?;
+            println!(
+                "formatted: {} copies, {} objects, {} node(s), epoch {}",
+                copies,
+                human(object_size as u64),
+                info.members.len(),
+                info.epoch
+            );
+        }
+        ClusterCmd::Info { json } => {
+            let info: ClusterInfoReply = sheep.json(Opcode::ClusterInfo, &()).await?;
+            if json {
+                return crate::print_json(&info);
+            }
+            println!("Cluster status: {}", info.status);
+            println!("Epoch: {}", info.epoch);
+            if let Some(c) = &info.config {
+                println!("Cluster UUID: {}", c.cluster_uuid);
+                println!("Copies: {}", c.copies);
+                println!("Object size: {}", human(c.object_size as u64));
+            }
+            println!("Members ({}):", info.members.len());
+            for m in &info.members {
+                println!("  {}  {}  zone {}", m.uuid, m.addr, m.zone);
+            }
+        }
+        ClusterCmd::Shutdown => {
+            sheep.op(Opcode::ClusterShutdown, &()).await?;
+            println!("shutdown requested: every node is leaving the cluster");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! `dog vdi ...`
+
+use crate::conn::Sheep;
+use crate::size::{human, parse_size};
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use futures::stream::{FuturesOrdered, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use proto::msg::{VdiCreateRequest, VdiInfo, VdiListReply, VdiNameRequest, VdiObjectReply, VdiObjectRequest, VdiResizeRequest};
+use proto::{Header, Oid, Opcode};
+use std::io::{IsTerminal, Read, Write};
+
+/// Bytes per request of `vdi read` / `vdi write`.
+const IO_CHUNK: u64 = 4 << 20;
+/// Requests in flight during `vdi read` / `vdi write`.
+const IO_DEPTH: usize = 4;
+/// Ranges at least this large get a progress bar on a terminal.
+const PROGRESS_MIN: u64 = 64 << 20;
+
+#[derive(Subcommand)]
+pub enum VdiCmd {
+    /// Create a VDI of SIZE bytes (e.g. 10G).
+    Create {
+        name: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
+        /// Replicas (default: the cluster's).
+        #[arg(long, short = 'c')]
+        copies: Option<u32>,
+        /// Fewest live replicas a write needs (default: copies - copies/2).
+        #[arg(long)]
+        min_copies: Option<u32>,
+    },
+    /// List VDIs.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a VDI and its objects.
+    Delete { name: String },
+    /// Grow a VDI to SIZE.
+    Resize {
+        name: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// Write a VDI's data to stdout.
+    Read {
+        name: String,
+        #[arg(value_parser = parse_size)]
+        offset: Option<u64>,
+        #[arg(value_parser = parse_size)]
+        len: Option<u64>,
+    },
+    /// Write stdin into a VDI.
+    Write {
+        name: String,
+        #[arg(value_parser = parse_size)]
+        offset: Option<u64>,
+        #[arg(value_parser = parse_size)]
+        len: Option<u64>,
+        /// Make every write durable on the replicas before it is acknowledged.
+        #[arg(long)]
+        durable: bool,
+    },
+    /// Show the object id of object INDEX and the nodes holding it.
+    Object {
+        name: String,
+        index: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(addr: &str, cmd: VdiCmd) -> Result<()> {
+    let sheep = Sheep::connect(addr).await?;
+    match cmd {
+        VdiCmd::Create { name, size, copies, min_copies } => {
+            let req = VdiCreateRequest { name, size, copies, min_copies };
+            let v: VdiInfo = sheep.json(Opcode::VdiCreate, &req).await?;
+            println!("created VDI '{}' ({}, vid {:#x}, {} copies, min {})", v.name, human(v.size), v.vid, v.copies, v.min_copies);
+        }
+        VdiCmd::List { json } => {
+            let l: VdiListReply = sheep.json(Opcode::VdiList, &()).await?;
+            if json {
+                return crate::print_json(&l.vdis);
+            }
+            println!("{:<24} {:>8} {:>10} {:>10} {:>7}", "Name", "Vid", "Size", "Used", "Copies");
+            for v in &l.vdis {
+                let used = v.allocated_objects * v.object_size as u64;
+                println!("{:<24} {:>8x} {:>10} {:>10} {:>4}/{}", v.name, v.vid, human(v.size), human(used.min(v.size)), v.copies, v.min_copies);
+            }
+        }
+        VdiCmd::Delete { name } => {
+            sheep.op(Opcode::VdiDelete, &VdiNameRequest { name: name.clone() }).await?;
+            println!("deleted VDI '{name}'");
+        }
+        VdiCmd::Resize { name, size } => {
+            let v: VdiInfo = sheep.json(Opcode::VdiResize, &VdiResizeRequest { name, size }).await?;
+            println!("resized VDI '{}' to {}", v.name, human(v.size));
+        }
+        VdiCmd::Read { name, offset, len } => read(&sheep, &name, offset.unwrap_or(0), len).await?,
+        VdiCmd::Write { name, offset, len, durable } => write(&sheep, &name, offset.unwrap_or(0), len, durable).await?,
+        VdiCmd::Object { name, index, json } => {
+            let o: VdiObjectReply = sheep.json(Opcode::VdiObject, &VdiObjectRequest { name, index }).await?;
+            if json {
+                return crate::print_json(&o);
+            }
+            println!("oid {} (index {}, {})", o.oid, o.index, if o.owner_vid == 0 { "never written".to_string() } else { format!("owned by vid {:#x}", o.owner_vid) });
+            for n in &o.nodes {
+                println!("  {}  {}  zone {}", n.uuid, n.addr, n.zone);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn vdi_info(sheep: &Sheep, name: &str) -> Result<VdiInfo> {
+    sheep.json(Opcode::VdiInfo, &VdiNameRequest { name: name.to_string() }).await
+}
+
+fn progress(len: u64) -> Option<ProgressBar> {
+    if len < PROGRESS_MIN || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+        pb.set_style(style);
+    }
+    Some(pb)
+}
+
+fn io_header(op: Opcode, vid: u32, offset: u64, len: u64, durable: bool) -> Header {
+    let mut h = Header::request(op, 0, 0);
+    h.oid = Oid::inode(vid).raw();
+    h.offset = offset;
+    h.length = len as u32;
+    if durable {
+        h.flags |= proto::frame::FLAG_DURABLE;
+    }
+    h
+}
+
+async fn read(sheep: &Sheep, name: &str, offset: u64, len: Option<u64>) -> Result<()> {
+    let v = vdi_info(sheep, name).await?;
+    if offset > v.size {
+        bail!("offset {offset} is past the end of '{name}' ({} bytes)", v.size);
+    }
+    let len = len.unwrap_or(v.size - offset);
+    if offset + len > v.size {
+        bail!("range {offset}+{len} is past the end of '{name}' ({} bytes)", v.size);
+    }
+    let pb = progress(len);
+    let mut out = std::io::stdout().lock();
+    let mut inflight = FuturesOrdered::new();
+    let mut pos = offset;
+    let end = offset + len;
+    loop {
+        while pos < end && inflight.len() < IO_DEPTH {
+            let n = IO_CHUNK.min(end - pos);
+            inflight.push_back(sheep.call(io_header(Opcode::VdiRead, v.vid, pos, n, false), Vec::new()));
+            pos += n;
+        }
+        let Some(r) = inflight.next().await else { break };
+        let (_, data) = r.with_context(|| format!("reading '{name}'"))?;
+        out.write_all(&data).context("writing to stdout")?;
+        if let Some(pb) = &pb {
+            pb.inc(data.len() as u64);
+        }
+    }
+    out.flush()?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    Ok(())
+}
+
+/// Reads up to `want` bytes from stdin; fewer only at end of input.
+fn read_stdin(want: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; want];
+    let mut got = 0;
+    let mut stdin = std::io::stdin().lock();
+    while got < want {
+        match stdin.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("reading stdin"),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+async fn write(sheep: &Sheep, name: &str, offset: u64, len: Option<u64>, durable: bool) -> Result<()> {
+    let v = vdi_info(sheep, name).await?;
+    if offset > v.size {
+        bail!("offset {offset} is past the end of '{name}' ({} bytes)", v.size);
+    }
+    let limit = len.unwrap_or(v.size - offset);
+    if offset + limit > v.size {
+        bail!("range {offset}+{limit} is past the end of '{name}' ({} bytes)", v.size);
+    }
+    let pb = progress(limit);
+    let mut inflight = FuturesOrdered::new();
+    let mut pos = offset;
+    let end = offset + limit;
+    let mut eof = false;
+    loop {
+        while !eof && pos < end && inflight.len() < IO_DEPTH {
+            let want = IO_CHUNK.min(end - pos) as usize;
+            let data = read_stdin(want)?;
+            if data.len() < want {
+                eof = true;
+            }
+            if data.is_empty() {
+                break;
+            }
+            let n = data.len() as u64;
+            inflight.push_back(sheep.call(io_header(Opcode::VdiWrite, v.vid, pos, n, durable), data));
+            pos += n;
+        }
+        let Some(r) = inflight.next().await else { break };
+        r.with_context(|| format!("writing '{name}'"))?;
+        if let Some(pb) = &pb {
+            pb.inc(IO_CHUNK);
+        }
+    }
+    if !eof && len.is_none() && pos == end {
+        // Input longer than the VDI: refuse silently truncating it.
+        let extra = read_stdin(1)?;
+        if !extra.is_empty() {
+            bail!("input is longer than the VDI '{name}' ({} bytes from offset {offset}); only that much was written", v.size - offset);
+        }
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! Routes a request to its handler: object ops on this node's store, admin and VDI ops,
+//! and VDI data I/O through this node as the gateway.
+
+use crate::error::{from_store, invalid};
+use crate::node::Node;
+use crate::{admin, vdi};
+use proto::frame::{FLAG_DURABLE};
+use proto::msg;
+use proto::{ErrorCode, Header, Oid, Opcode, PeerError};
+use store::Stamp;
+
+/// A successful reply's content.
+#[derive(Default)]
+pub struct Outcome {
+    pub payload: Vec<u8>,
+    /// Version stamp generation, for ObjStamp and reads.
+    pub generation: u64,
+    /// Version stamp epoch when the reply carries a stamp; else the node's epoch is sent.
+    pub epoch: Option<u32>,
+}
+
+impl Outcome {
+    pub fn data(payload: Vec<u8>) -> Outcome {
+        Outcome {
+            payload,
+            ..Outcome::default()
+        }
+    }
+
+    pub fn json<T: serde::Serialize>(m: &T) -> Outcome {
+        Outcome::data(msg::encode(m))
+    }
+}
+
+pub async fn dispatch(node: &Node, op: Opcode, h: &Header, payload: Vec<u8>) -> Result<Outcome, PeerError> {
+    if op.needs_epoch_match() {
+        check_epoch(node, h).await?;
+        return object_op(node, op, h, payload).await;
+    }
+    match op {
+        Opcode::Hello => Err(invalid("hello may only be the first frame")),
+        Opcode::SyncAll => {
+            let store = node.store_or_err()?;
+            blocking(move || store.sync_all()).await?;
+            Ok(Outcome::default())
+        }
+        Opcode::NodeInfo => admin::node_info(node).await,
+        Opcode::ClusterInfo => admin::cluster_info(node).await,
+        Opcode::ClusterFormat => admin::format(node, &payload).await,
+        Opcode::ClusterShutdown => admin::cluster_shutdown(node).await,
+        Opcode::NodeShutdown => {
+            node.request_shutdown();
+            Ok(Outcome::default())
+        }
+        Opcode::DebugPowerCut => admin::power_cut(node).await,
+        Opcode::VdiCreate => vdi::create(node, &payload).await,
+        Opcode::VdiDelete => vdi::delete(node, &payload).await,
+        Opcode::VdiList => vdi::list(node).await,
+        Opcode::VdiInfo => vdi::info(node, &payload).await,
+        Opcode::VdiResize => vdi::resize(node, &payload).await,
+        Opcode::VdiObject => vdi::object(node, &payload).await,
+        Opcode::VdiRead => vdi::read(node, h).await,
+        Opcode::VdiWrite => vdi::write(node, h, payload).await,
+        _ => Err(invalid(format!("opcode {op:?} is not served here"))),
+    }
+}
+
+/// Object ops are served only by a member at the sender's epoch. A sender ahead of us
+/// makes us refresh first; a sender behind gets `StaleEpoch` with our epoch.
+async fn check_epoch(node: &Node, h: &Header) -> Result<(), PeerError> {
+    let mut view = node.view();
+    if h.epoch > view.epoch() || !view.serving {
+        view = node.refresh().await?;
+    }
+    if !view.serving {
+        return Err(PeerError::new(
+            ErrorCode::NotServing,
+            "this node is not a member of the current epoch; it serves nothing until it rejoins",
+        ));
+    }
+    if h.epoch != view.epoch() {
+        return Err(PeerError::new(
+            ErrorCode::StaleEpoch,
+            format!("request at epoch {}, this node is at epoch {}", h.epoch, view.epoch()),
+        ));
+    }
+    Ok(())
+}
+
+async fn object_op(node: &Node, op: Opcode, h: &Header, payload: Vec<u8>) -> Result<Outcome, PeerError> {
+    let store = node.store_or_err()?;
+    let oid = Oid::from_raw(h.oid).map_err(|e| invalid(e.to_string()))?;
+    let stamp = Stamp {
+        epoch: h.epoch,
+        generation: h.generation,
+    };
+    let durable = h.has_flag(FLAG_DURABLE);
+    let (offset, length) = (h.offset, h.length);
+    match op {
+        Opcode::ReadObj => {
+            let data = blocking(move || store.read(oid, offset, length)).await?;
+            Ok(Outcome::data(data))
+        }
+        Opcode::WriteObj => {
+            blocking(move || store.write(oid, offset, &payload, stamp, durable)).await?;
+            Ok(Outcome::default())
+        }
+        Opcode::CreateAndWrite => {
+            blocking(move || store.create_and_write(oid, offset, &payload, stamp, durable)).await?;
+            Ok(Outcome::default())
+        }
+        Opcode::PunchObj => {
+            blocking(move || store.punch(oid, offset, length as u64, stamp, durable)).await?;
+            Ok(Outcome::default())
+        }
+        Opcode::RemoveObj => {
+            blocking(move || store.remove(oid, durable)).await?;
+            Ok(Outcome::default())
+        }
+        Opcode::MarkStale => {
+            blocking(move || store.mark_stale(oid)).await?;
+            Ok(Outcome::default())
+        }
+        Opcode::ObjStamp => {
+            let s = blocking(move || store.stamp(oid)).await?;
+            Ok(Outcome {
+                payload: Vec::new(),
+                generation: s.generation,
+                epoch: Some(s.epoch),
+            })
+        }
+        _ => Err(invalid(format!("{op:?} is not an object op"))),
+    }
+}
+
+/// Runs a store call on the blocking pool.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, store::StoreError> + Send + 'static,
+) -> Result<T, PeerError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(from_store),
+        Err(e) => Err(PeerError::new(ErrorCode::Internal, format!("store task failed: {e}"))),
+    }
+}

@@ -1,0 +1,323 @@
+//! A node's shared state: identity, store, cluster view (membership, ring, epoch) and the
+//! peer connection pool, plus the task that follows membership changes.
+
+use crate::error::{from_cluster, internal};
+use crate::gateway::Gateway;
+use crate::options::Options;
+use client::{ClientError, Pool, Reply};
+use cluster::{ClusterDriver, Membership, NodeInfo};
+use placement::{PlacementNode, Ring};
+use proto::msg::{ClusterId, Hello, Role, FEATURES_NONE};
+use proto::{ErrorCode, Header, Oid, PeerError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use store::identity::{self, ClusterStamp};
+use store::{ObjectStore, StoreConfig};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// How often the follower checks this node's own liveness.
+const LIVENESS_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The cluster as this node currently sees it. Replaced whole on every epoch change.
+pub struct View {
+    pub membership: Membership,
+    pub ring: Ring,
+    /// False while this node is not a member of the current epoch (self-fenced).
+    pub serving: bool,
+}
+
+impl View {
+    fn new(membership: Membership, me: Uuid) -> View {
+        let nodes: Vec<PlacementNode> = membership
+            .members
+            .iter()
+            .map(|m| PlacementNode {
+                uuid: m.uuid,
+                zone: m.zone,
+                vnodes: m.vnodes,
+            })
+            .collect();
+        let serving = membership.members.iter().any(|m| m.uuid == me);
+        View {
+            ring: Ring::new(&nodes),
+            membership,
+            serving,
+        }
+    }
+
+    pub fn epoch(&self) -> u32 {
+        self.membership.epoch
+    }
+
+    pub fn member(&self, uuid: Uuid) -> Option<&NodeInfo> {
+        self.membership.members.iter().find(|m| m.uuid == uuid)
+    }
+
+    /// The replica set of `oid` at this epoch, in placement order.
+    pub fn replicas(&self, oid: Oid, copies: usize) -> Vec<NodeInfo> {
+        self.ring
+            .replicas(oid.raw(), copies)
+            .into_iter()
+            .filter_map(|u| self.member(u).cloned())
+            .collect()
+    }
+
+    /// Number of members that hold data.
+    pub fn data_nodes(&self) -> usize {
+        self.ring.data_nodes()
+    }
+}
+
+/// Everything a node's tasks share.
+pub struct Node {
+    pub opts: Options,
+    pub uuid: Uuid,
+    pub driver: Arc<dyn ClusterDriver>,
+    pub pool: Pool,
+    pub gateway: Gateway,
+    store: RwLock<Option<Arc<ObjectStore>>>,
+    /// Serialises opening the store (the follower and request handlers may race to it).
+    store_opening: tokio::sync::Mutex<()>,
+    /// The cluster this node belongs to once formatted; checked in every handshake.
+    cluster: Arc<RwLock<Option<ClusterStamp>>>,
+    view: RwLock<Arc<View>>,
+    last_generation: AtomicU64,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Node {
+    pub fn new(opts: Options, uuid: Uuid, driver: Arc<dyn ClusterDriver>, cluster: Option<ClusterStamp>) -> Arc<Node> {
+        let shared = Arc::new(RwLock::new(cluster));
+        let expected = shared.clone();
+        let accept = Arc::new(move |peer: &Hello| {
+            let ours = *expected.read().unwrap_or_else(|p| p.into_inner());
+            check_peer_hello(peer, ours)
+        });
+        let pool = Pool::new(node_hello(uuid, cluster), accept);
+        let (shutdown, _) = watch::channel(false);
+        Arc::new(Node {
+            opts,
+            uuid,
+            driver,
+            pool,
+            gateway: Gateway::default(),
+            store: RwLock::new(None),
+            store_opening: tokio::sync::Mutex::new(()),
+            cluster: shared,
+            view: RwLock::new(Arc::new(View::new(Membership::default(), uuid))),
+            last_generation: AtomicU64::new(0),
+            shutdown,
+        })
+    }
+
+    /// This node's entry in the membership.
+    pub fn info(&self) -> NodeInfo {
+        NodeInfo {
+            uuid: self.uuid,
+            addr: self.opts.listen.clone(),
+            zone: self.opts.zone,
+            vnodes: self.opts.effective_vnodes(),
+            nbd_addr: self.opts.nbd.clone(),
+        }
+    }
+
+    /// The cluster identity this node belongs to, once formatted.
+    pub fn cluster_stamp(&self) -> Option<ClusterStamp> {
+        *self.cluster.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn store(&self) -> Option<Arc<ObjectStore>> {
+        self.store.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The store, or the error a peer gets while this node has none (not formatted).
+    pub fn store_or_err(&self) -> Result<Arc<ObjectStore>, PeerError> {
+        self.store().ok_or_else(|| {
+            PeerError::new(ErrorCode::NotFormatted, "this node's store is not open: cluster not formatted")
+        })
+    }
+
+    /// A write generation: unique and increasing on this gateway (microseconds since the
+    /// epoch, bumped past the last one handed out).
+    pub fn next_generation(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let prev = self
+            .last_generation
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| Some(now.max(last + 1)))
+            .unwrap_or(0);
+        now.max(prev + 1)
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub fn request_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Re-reads the membership from the cluster driver and applies it.
+    pub async fn refresh(&self) -> Result<Arc<View>, PeerError> {
+        let m = self.driver.membership().await.map_err(from_cluster)?;
+        self.apply(m).await
+    }
+
+    /// Installs a membership if it is newer than the current view (or the same epoch
+    /// with other content, as after format), opening the store once the cluster is formatted.
+    pub async fn apply(&self, m: Membership) -> Result<Arc<View>, PeerError> {
+        let current = self.view();
+        if m.epoch < current.epoch() || (m == current.membership) {
+            return Ok(current);
+        }
+        if let Some(cfg) = &m.config {
+            self.open_store(cfg).await?;
+        }
+        let view = Arc::new(View::new(m, self.uuid));
+        {
+            let mut slot = self.view.write().unwrap_or_else(|p| p.into_inner());
+            if slot.epoch() > view.epoch() {
+                return Ok(slot.clone());
+            }
+            *slot = view.clone();
+        }
+        tracing::info!(epoch = view.epoch(), members = view.membership.members.len(), serving = view.serving, "membership changed");
+        Ok(view)
+    }
+
+    async fn open_store(&self, cfg: &cluster::ClusterConfig) -> Result<(), PeerError> {
+        let _one_at_a_time = self.store_opening.lock().await;
+        if self.store().is_some() {
+            return Ok(());
+        }
+        let stamp = ClusterStamp {
+            cluster_uuid: cfg.cluster_uuid,
+            format_generation: cfg.format_generation,
+        };
+        let dir = self.opts.dir.clone();
+        let store_cfg = StoreConfig {
+            dir: dir.join("store"),
+            object_size: cfg.object_size,
+            fault_injection: self.opts.fault_injection,
+        };
+        let opened = tokio::task::spawn_blocking(move || {
+            identity::set_cluster(&dir, stamp)?;
+            ObjectStore::open(store_cfg)
+        })
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| PeerError::new(ErrorCode::ClusterMismatch, e.to_string()))?;
+        {
+            let mut slot = self.store.write().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(Arc::new(opened));
+            }
+        }
+        *self.cluster.write().unwrap_or_else(|p| p.into_inner()) = Some(stamp);
+        self.pool.set_hello(node_hello(self.uuid, Some(stamp))).await;
+        Ok(())
+    }
+
+    /// One request to a member, returning its reply or why there was none.
+    pub async fn call(&self, to: &NodeInfo, header: Header, payload: Vec<u8>, timeout: Duration) -> Result<Reply, ClientError> {
+        self.pool.call(&to.addr, header, payload, timeout).await
+    }
+
+    /// Follows membership changes and this node's own liveness until shutdown.
+    pub fn spawn_follower(self: &Arc<Self>) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut rx = node.driver.subscribe();
+            let mut shutdown = node.shutdown_signal();
+            let mut tick = tokio::time::interval(LIVENESS_CHECK_INTERVAL);
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => {
+                        if changed.is_err() { break; }
+                        let m = rx.borrow_and_update().clone();
+                        if let Err(e) = node.apply(m).await {
+                            tracing::error!(error = %e, "cannot apply membership");
+                        }
+                    }
+                    _ = tick.tick() => node.check_liveness().await,
+                    _ = shutdown.changed() => break,
+                }
+            }
+        });
+    }
+
+    /// Self-fencing: a node that lost its liveness or its membership stops serving and
+    /// rejoins, which is always a new epoch.
+    async fn check_liveness(&self) {
+        if *self.shutdown.borrow() {
+            return;
+        }
+        let alive = self.driver.still_alive().await;
+        let member = self.view().serving;
+        if alive && member {
+            return;
+        }
+        self.mark_not_serving();
+        tracing::warn!(alive, member, "lost membership; rejoining");
+        match self.driver.join(self.info()).await {
+            Ok(m) => {
+                if let Err(e) = self.apply(m).await {
+                    tracing::error!(error = %e, "cannot apply membership after rejoin");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "rejoin failed"),
+        }
+    }
+
+    fn mark_not_serving(&self) {
+        let mut slot = self.view.write().unwrap_or_else(|p| p.into_inner());
+        if slot.serving {
+            let m = slot.membership.clone();
+            let mut v = View::new(m, self.uuid);
+            v.serving = false;
+            *slot = Arc::new(v);
+        }
+    }
+}
+
+/// The hello a node sends to peers.
+pub fn node_hello(uuid: Uuid, cluster: Option<ClusterStamp>) -> Hello {
+    Hello {
+        proto_version: proto::frame::PROTO_VERSION,
+        role: Role::Node,
+        node_uuid: Some(uuid),
+        cluster: cluster.map(|c| ClusterId {
+            cluster_uuid: c.cluster_uuid,
+            format_generation: c.format_generation,
+        }),
+        features: FEATURES_NONE,
+        auth: None,
+    }
+}
+
+/// Accepts a peer only if it is not from another cluster or another format generation.
+pub fn check_peer_hello(peer: &Hello, ours: Option<ClusterStamp>) -> Result<(), String> {
+    if peer.auth.is_some() {
+        return Err("authentication is not supported by this version".into());
+    }
+    match (peer.cluster, ours) {
+        (Some(theirs), Some(ours))
+            if theirs.cluster_uuid != ours.cluster_uuid
+                || theirs.format_generation != ours.format_generation =>
+        {
+            Err(format!(
+                "peer belongs to cluster {} (format {}), we to {} (format {})",
+                theirs.cluster_uuid, theirs.format_generation, ours.cluster_uuid, ours.format_generation
+            ))
+        }
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,273 @@
+//! Sending one object operation to its replica set: the write path (all live replicas,
+//! at least `min_copies`, stale marking of replicas that missed it, epoch retries) and
+//! the read path (one replica, local first, falling back and repairing bad copies).
+
+use crate::node::Node;
+use client::ClientError;
+use cluster::NodeInfo;
+use futures::future::join_all;
+use proto::frame::{FLAG_DURABLE, FLAG_RECOVERY};
+use proto::{ErrorCode, Header, Oid, Opcode, PeerError};
+use std::time::{Duration, Instant};
+
+/// Timeout of one object request to a replica.
+pub const OBJECT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a write waits for the membership to settle when too few replicas answer
+/// (a node just died and the cluster has not noticed yet).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Pause between attempts while waiting for a new epoch.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Attempts after which an operation gives up even if epochs keep changing.
+const ATTEMPTS_MAX: usize = 50;
+
+/// The kind of replicated write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteKind {
+    /// Write into an existing object.
+    Write,
+    /// Create the object if absent, then write (an existing object is just written).
+    Create,
+    /// Zero a range.
+    Punch,
+    /// Remove the object.
+    Remove,
+}
+
+impl WriteKind {
+    fn opcode(self) -> Opcode {
+        match self {
+            WriteKind::Write => Opcode::WriteObj,
+            WriteKind::Create => Opcode::CreateAndWrite,
+            WriteKind::Punch => Opcode::PunchObj,
+            WriteKind::Remove => Opcode::RemoveObj,
+        }
+    }
+}
+
+fn object_header(op: Opcode, epoch: u32, oid: Oid, offset: u64, length: u32) -> Header {
+    let mut h = Header::request(op, 0, epoch);
+    h.oid = oid.raw();
+    h.offset = offset;
+    h.length = length;
+    h
+}
+
+fn epoch_moved(e: &ClientError) -> bool {
+    matches!(e.code(), ErrorCode::StaleEpoch | ErrorCode::NotServing)
+}
+
+/// Applies a write to every live replica of `oid` at the current epoch. Succeeds when all
+/// applied it, or at least `min_copies` did and every one that did not is marked stale.
+/// `len` is the data length, or the punch length for `Punch`.
+#[allow(clippy::too_many_arguments)]
+pub async fn replicate(
+    node: &Node,
+    kind: WriteKind,
+    oid: Oid,
+    offset: u64,
+    data: &[u8],
+    copies: usize,
+    min_copies: usize,
+    durable: bool,
+) -> Result<(), PeerError> {
+    replicate_len(node, kind, oid, offset, data, data.len() as u64, copies, min_copies, durable).await
+}
+
+/// [`replicate`] with an explicit operation length (for punches, which carry no data).
+#[allow(clippy::too_many_arguments)]
+pub async fn replicate_len(
+    node: &Node,
+    kind: WriteKind,
+    oid: Oid,
+    offset: u64,
+    data: &[u8],
+    len: u64,
+    copies: usize,
+    min_copies: usize,
+    durable: bool,
+) -> Result<(), PeerError> {
+    let started = Instant::now();
+    let mut last_err = None;
+    for _ in 0..ATTEMPTS_MAX {
+        let view = node.view();
+        if !view.serving {
+            node.refresh().await?;
+            tokio::time::sleep(RETRY_PAUSE).await;
+            continue;
+        }
+        let targets = view.replicas(oid, copies);
+        if targets.len() < min_copies {
+            return Err(no_quorum(oid, targets.len(), min_copies));
+        }
+        let generation = node.next_generation();
+        let mut h = object_header(kind.opcode(), view.epoch(), oid, offset, len as u32);
+        h.generation = generation;
+        if durable {
+            h.flags |= FLAG_DURABLE;
+        }
+        let payload = if kind == WriteKind::Punch || kind == WriteKind::Remove { Vec::new() } else { data.to_vec() };
+        let calls = targets.iter().map(|t| send_write(node, t, kind, h, payload.clone()));
+        let results = join_all(calls).await;
+
+        if results.iter().any(|r| r.as_ref().is_err_and(epoch_moved)) {
+            node.refresh().await?;
+            tokio::time::sleep(RETRY_PAUSE).await;
+            continue;
+        }
+        let failed: Vec<(&NodeInfo, ClientError)> = targets
+            .iter()
+            .zip(results)
+            .filter_map(|(t, r)| r.err().map(|e| (t, e)))
+            .collect();
+        let applied = targets.len() - failed.len();
+        if failed.is_empty() {
+            return Ok(());
+        }
+        if applied >= min_copies {
+            for (t, e) in &failed {
+                tracing::warn!(%oid, node = %t.uuid, error = %e, "replica missed a write; marking it stale");
+                mark_stale(node, t, oid, view.epoch()).await?;
+            }
+            return Ok(());
+        }
+        let any_unreachable = failed.iter().any(|(_, e)| e.is_unreachable());
+        let (_, first) = &failed[0];
+        last_err = Some(first.to_peer_error());
+        if any_unreachable && started.elapsed() < SETTLE_TIMEOUT {
+            // A replica is gone but the cluster has not moved to a new epoch yet: wait for it.
+            tokio::time::sleep(RETRY_PAUSE).await;
+            node.refresh().await?;
+            continue;
+        }
+        if any_unreachable {
+            return Err(no_quorum(oid, applied, min_copies));
+        }
+        return Err(first.to_peer_error());
+    }
+    Err(last_err.unwrap_or_else(|| PeerError::new(ErrorCode::Io, format!("object {oid}: too many epoch changes"))))
+}
+
+async fn send_write(node: &Node, to: &NodeInfo, kind: WriteKind, h: Header, payload: Vec<u8>) -> Result<(), ClientError> {
+    match node.call(to, h, payload.clone(), OBJECT_CALL_TIMEOUT).await {
+        Ok(_) => Ok(()),
+        Err(ClientError::Peer(e)) if kind == WriteKind::Create && e.code == ErrorCode::Exists => {
+            // Created already (by an earlier attempt or another gateway): write into it.
+            let mut w = h;
+            w.opcode = Opcode::WriteObj as u16;
+            node.call(to, w, payload, OBJECT_CALL_TIMEOUT).await.map(|_| ())
+        }
+        Err(ClientError::Peer(e)) if kind == WriteKind::Remove && e.code == ErrorCode::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn no_quorum(oid: Oid, have: usize, need: usize) -> PeerError {
+    PeerError::new(
+        ErrorCode::NoQuorum,
+        format!(
+            "write refused: object {oid} has {have} live replica{} but {need} are needed (min_copies)",
+            if have == 1 { "" } else { "s" }
+        ),
+    )
+}
+
+/// Marks `to`'s replica of `oid` stale: on the node itself if it answers, else in the
+/// cluster's stale registry (which the node consults when it rejoins). Fails only if
+/// neither worked, in which case the write must not be acknowledged.
+async fn mark_stale(node: &Node, to: &NodeInfo, oid: Oid, epoch: u32) -> Result<(), PeerError> {
+    let h = object_header(Opcode::MarkStale, epoch, oid, 0, 0);
+    let direct = node.call(to, h, Vec::new(), Duration::from_secs(2)).await;
+    let registry = node.driver.mark_stale(oid, to.uuid).await;
+    match (direct, registry) {
+        (_, Ok(())) | (Ok(_), _) => Ok(()),
+        (Err(_), Err(e)) => Err(PeerError::new(
+            ErrorCode::Io,
+            format!("object {oid}: replica on {} missed a write and cannot be marked stale: {e}", to.addr),
+        )),
+    }
+}
+
+/// Reads a range of `oid` from one replica: this node first, then the others in
+/// placement order. A replica whose copy fails its checksum is repaired from the good
+/// copy after the read succeeds.
+pub async fn read_object_replicas(node: &Node, oid: Oid, offset: u64, len: u32, copies: usize) -> Result<Vec<u8>, PeerError> {
+    for _ in 0..ATTEMPTS_MAX {
+        let view = node.view();
+        if !view.serving {
+            node.refresh().await?;
+            tokio::time::sleep(RETRY_PAUSE).await;
+            continue;
+        }
+        let mut targets = view.replicas(oid, copies);
+        if let Some(i) = targets.iter().position(|t| t.uuid == node.uuid) {
+            let me = targets.remove(i);
+            targets.insert(0, me);
+        }
+        let h = object_header(Opcode::ReadObj, view.epoch(), oid, offset, len);
+        let mut bad = Vec::new();
+        let mut errors = Vec::new();
+        let mut codes = Vec::new();
+        let mut moved = false;
+        for t in &targets {
+            match node.call(t, h, Vec::new(), OBJECT_CALL_TIMEOUT).await {
+                Ok((_, data)) if data.len() == len as usize => {
+                    for b in &bad {
+                        repair(node, b, t, oid, view.epoch()).await;
+                    }
+                    return Ok(data);
+                }
+                Ok((_, data)) => {
+                    codes.push(ErrorCode::Io);
+                    errors.push(format!("{}: short read of {} bytes", t.addr, data.len()));
+                }
+                Err(e) if epoch_moved(&e) => {
+                    moved = true;
+                    break;
+                }
+                Err(e) => {
+                    codes.push(e.code());
+                    if e.code() == ErrorCode::Checksum {
+                        bad.push(t.clone());
+                    }
+                    errors.push(format!("{}: {e}", t.addr));
+                }
+            }
+        }
+        if moved {
+            node.refresh().await?;
+            tokio::time::sleep(RETRY_PAUSE).await;
+            continue;
+        }
+        let all_absent = !codes.is_empty() && codes.iter().all(|c| *c == ErrorCode::NotFound);
+        if targets.is_empty() {
+            return Err(PeerError::new(ErrorCode::NoQuorum, format!("object {oid}: no live replica")));
+        }
+        let code = if all_absent { ErrorCode::NotFound } else { ErrorCode::NotRecovered };
+        return Err(PeerError::new(code, format!("object {oid}: no replica could serve the read ({})", errors.join("; "))));
+    }
+    Err(PeerError::new(ErrorCode::Io, format!("object {oid}: too many epoch changes")))
+}
+
+/// Read-repair: copies the whole object from `good` over `bad`'s corrupt copy, with the
+/// good copy's stamp. Best effort; a failure leaves the copy to recovery.
+async fn repair(node: &Node, bad: &NodeInfo, good: &NodeInfo, oid: Oid, epoch: u32) {
+    let result: Result<(), ClientError> = async {
+        let stamp = node.call(good, object_header(Opcode::ObjStamp, epoch, oid, 0, 0), Vec::new(), OBJECT_CALL_TIMEOUT).await?.0;
+        let Some(size) = node.store().map(|s| oid.capacity(s.object_size())) else {
+            return Ok(());
+        };
+        let mut h = object_header(Opcode::ReadObj, epoch, oid, 0, size as u32);
+        h.flags |= FLAG_RECOVERY;
+        let (_, data) = node.call(good, h, Vec::new(), OBJECT_CALL_TIMEOUT).await?;
+        let mut w = object_header(Opcode::WriteObj, epoch, oid, 0, data.len() as u32);
+        w.generation = stamp.generation;
+        w.flags |= FLAG_DURABLE;
+        node.call(bad, w, data, OBJECT_CALL_TIMEOUT).await?;
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => tracing::warn!(%oid, node = %bad.uuid, "repaired a replica that failed its checksum"),
+        Err(e) => tracing::error!(%oid, node = %bad.uuid, error = %e, "read-repair failed"),
+    }
+}

@@ -1,0 +1,232 @@
+//! VDI management ops (create, delete, list, info, resize, object location) and VDI data
+//! I/O for dog (`vdi read` / `vdi write`) through this node as the gateway.
+
+use crate::dispatch::Outcome;
+use crate::error::{from_cluster, invalid};
+use crate::gateway::{self, open_vdi};
+use crate::node::Node;
+use crate::replicate::{replicate, WriteKind};
+use futures::future::join_all;
+use proto::inode::{vdi_size_max, VdiHeader, SECTOR_SIZE, VDI_NAME_MAX};
+use proto::msg::{self, MemberInfo, VdiCreateRequest, VdiInfo, VdiListReply, VdiNameRequest, VdiObjectReply, VdiObjectRequest, VdiResizeRequest};
+use proto::{ErrorCode, Header, Oid, PeerError, Vid};
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn formatted(node: &Node) -> Result<cluster::ClusterConfig, PeerError> {
+    node.view()
+        .membership
+        .config
+        .clone()
+        .ok_or_else(|| PeerError::new(ErrorCode::NotFormatted, "cluster is not formatted; run `dog cluster format`"))
+}
+
+fn check_size(size: u64, object_size: u32) -> Result<(), PeerError> {
+    if size == 0 || size % SECTOR_SIZE != 0 {
+        return Err(invalid(format!("size {size} is not a positive multiple of {SECTOR_SIZE} bytes")));
+    }
+    let max = vdi_size_max(object_size);
+    if size > max {
+        return Err(PeerError::new(ErrorCode::TooLarge, format!("size {size} exceeds the maximum VDI size {max}")));
+    }
+    Ok(())
+}
+
+pub fn member_info(m: &cluster::NodeInfo) -> MemberInfo {
+    MemberInfo {
+        uuid: m.uuid,
+        addr: m.addr.clone(),
+        zone: m.zone,
+        vnodes: m.vnodes,
+        nbd_addr: m.nbd_addr.clone(),
+    }
+}
+
+/// Looks a VDI up by name.
+pub async fn lookup(node: &Node, name: &str) -> Result<Vid, PeerError> {
+    node.driver
+        .vdi_lookup(name)
+        .await
+        .map_err(from_cluster)?
+        .ok_or_else(|| PeerError::new(ErrorCode::NoSuchVdi, format!("no VDI named '{name}'")))
+}
+
+pub async fn create(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
+    let req: VdiCreateRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
+    let cfg = formatted(node)?;
+    if req.name.is_empty() || req.name.len() > VDI_NAME_MAX || req.name.contains('/') || req.name.chars().any(char::is_control) {
+        return Err(invalid(format!("invalid VDI name '{}': 1 to {VDI_NAME_MAX} bytes, no '/' or control characters", req.name)));
+    }
+    check_size(req.size, cfg.object_size)?;
+    let copies = req.copies.unwrap_or(cfg.copies);
+    if copies == 0 {
+        return Err(invalid("copies must be at least 1"));
+    }
+    let data_nodes = node.view().data_nodes();
+    if copies as usize > data_nodes {
+        return Err(PeerError::new(
+            ErrorCode::TooFewNodes,
+            format!("{copies} copies asked but the cluster has {data_nodes} data node(s)"),
+        ));
+    }
+    let min_copies = req.min_copies.unwrap_or(copies - copies / 2);
+    if min_copies == 0 || min_copies > copies {
+        return Err(invalid(format!("min-copies must be between 1 and copies ({copies})")));
+    }
+    let vid = node.driver.vdi_create(&req.name).await.map_err(from_cluster)?;
+    let header = VdiHeader {
+        name: req.name.clone(),
+        vid,
+        size: req.size,
+        copies,
+        min_copies,
+        created_unix: now_unix(),
+        object_size: cfg.object_size,
+        snap_id: 0,
+        parent_vid: 0,
+        snap_unix: 0,
+        tag: String::new(),
+    };
+    let bytes = header.encode().map_err(|e| invalid(e.to_string()))?;
+    let made = replicate(node, WriteKind::Create, Oid::inode(vid), 0, &bytes, copies as usize, min_copies as usize, true).await;
+    if let Err(e) = made {
+        // Roll the registry back so the name is free again (the vid stays retired).
+        let _ = node.driver.vdi_delete(&req.name, vid).await;
+        return Err(e);
+    }
+    tracing::info!(name = %req.name, vid, size = req.size, copies, "created VDI");
+    Ok(Outcome::json(&info_of(&header, 0)))
+}
+
+fn info_of(h: &VdiHeader, allocated: u64) -> VdiInfo {
+    VdiInfo {
+        name: h.name.clone(),
+        vid: h.vid,
+        size: h.size,
+        copies: h.copies,
+        min_copies: h.min_copies,
+        created_unix: h.created_unix,
+        object_size: h.object_size,
+        allocated_objects: allocated,
+    }
+}
+
+pub async fn info(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
+    let req: VdiNameRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
+    formatted(node)?;
+    let vid = lookup(node, &req.name).await?;
+    let v = open_vdi(node, vid, true).await?;
+    Ok(Outcome::json(&info_of(&v.header(), v.allocated())))
+}
+
+pub async fn list(node: &Node) -> Result<Outcome, PeerError> {
+    formatted(node)?;
+    let entries = node.driver.vdi_list().await.map_err(from_cluster)?;
+    let infos = join_all(entries.iter().map(|e| open_vdi(node, e.vid, true))).await;
+    let mut vdis = Vec::new();
+    for (e, r) in entries.iter().zip(infos) {
+        match r {
+            Ok(v) => vdis.push(info_of(&v.header(), v.allocated())),
+            Err(err) => tracing::warn!(name = %e.name, error = %err, "cannot read VDI header"),
+        }
+    }
+    vdis.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Outcome::json(&VdiListReply { vdis }))
+}
+
+pub async fn delete(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
+    let req: VdiNameRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
+    formatted(node)?;
+    let vid = lookup(node, &req.name).await?;
+    let state = open_vdi(node, vid, true).await;
+    // Unregister first: from now on nobody can open it; the vid is never reused.
+    node.driver.vdi_delete(&req.name, vid).await.map_err(from_cluster)?;
+    node.gateway.forget(vid);
+    if let Ok(v) = state {
+        let h = v.header();
+        let (copies, min) = (h.copies as usize, 1);
+        for index in 0..h.object_count() {
+            let oid = Oid::data(vid, index);
+            if let Err(e) = replicate(node, WriteKind::Remove, oid, 0, &[], copies, min, true).await {
+                tracing::warn!(%oid, error = %e, "could not remove object of deleted VDI");
+            }
+        }
+        if let Err(e) = replicate(node, WriteKind::Remove, Oid::inode(vid), 0, &[], copies, min, true).await {
+            tracing::warn!(vid, error = %e, "could not remove inode of deleted VDI");
+        }
+    }
+    tracing::info!(name = %req.name, vid, "deleted VDI");
+    Ok(Outcome::default())
+}
+
+pub async fn resize(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
+    let req: VdiResizeRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
+    let cfg = formatted(node)?;
+    let vid = lookup(node, &req.name).await?;
+    let v = open_vdi(node, vid, true).await?;
+    let mut h = v.header();
+    check_size(req.size, cfg.object_size)?;
+    if req.size < h.size {
+        return Err(invalid(format!("cannot shrink '{}' from {} to {} bytes", h.name, h.size, req.size)));
+    }
+    h.size = req.size;
+    let bytes = h.encode().map_err(|e| invalid(e.to_string()))?;
+    replicate(node, WriteKind::Write, Oid::inode(vid), 0, &bytes, h.copies as usize, h.min_copies as usize, true).await?;
+    open_vdi(node, vid, true).await?;
+    Ok(Outcome::json(&info_of(&h, v.allocated())))
+}
+
+pub async fn object(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
+    let req: VdiObjectRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
+    formatted(node)?;
+    let vid = lookup(node, &req.name).await?;
+    let v = open_vdi(node, vid, true).await?;
+    let h = v.header();
+    if req.index >= h.object_count() {
+        return Err(invalid(format!("index {} is past the last object ({})", req.index, h.object_count().saturating_sub(1))));
+    }
+    let owner = gateway::owner_of(node, &v, req.index).await?;
+    let oid = Oid::data(if owner == 0 { vid } else { owner }, req.index);
+    let nodes = node.view().replicas(oid, h.copies as usize).iter().map(member_info).collect();
+    Ok(Outcome::json(&VdiObjectReply {
+        oid: oid.to_string(),
+        index: req.index,
+        owner_vid: owner,
+        nodes,
+    }))
+}
+
+/// Opens the VDI named by a data request's inode oid and checks the range.
+async fn io_target(node: &Node, h: &Header, len: u64) -> Result<std::sync::Arc<gateway::VdiState>, PeerError> {
+    formatted(node)?;
+    let oid = Oid::from_raw(h.oid).map_err(|e| invalid(e.to_string()))?;
+    if !oid.is_inode() {
+        return Err(invalid("VDI I/O must name the VDI's inode oid"));
+    }
+    let v = open_vdi(node, oid.vid(), true).await?;
+    let size = v.header().size;
+    if h.offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(PeerError::new(
+            ErrorCode::InvalidRequest,
+            format!("range {}+{} is past the end of the VDI ({size} bytes)", h.offset, len),
+        ));
+    }
+    Ok(v)
+}
+
+pub async fn read(node: &Node, h: &Header) -> Result<Outcome, PeerError> {
+    let v = io_target(node, h, h.length as u64).await?;
+    Ok(Outcome::data(gateway::read(node, &v, h.offset, h.length as u64).await?))
+}
+
+pub async fn write(node: &Node, h: &Header, data: Vec<u8>) -> Result<Outcome, PeerError> {
+    let v = io_target(node, h, data.len() as u64).await?;
+    let durable = h.has_flag(proto::frame::FLAG_DURABLE);
+    gateway::write(node, &v, h.offset, &data, durable).await?;
+    Ok(Outcome::default())
+}
