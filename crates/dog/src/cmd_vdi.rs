@@ -6,7 +6,10 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use futures::stream::{FuturesOrdered, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
-use proto::msg::{VdiCreateRequest, VdiInfo, VdiListReply, VdiNameRequest, VdiObjectReply, VdiObjectRequest, VdiResizeRequest};
+use proto::msg::{
+    VdiCreateRequest, VdiInfo, VdiListReply, VdiLockListReply, VdiNameRequest, VdiObjectReply, VdiObjectRequest, VdiResizeRequest, VdiSetRequest,
+    VdiUnlockRequest,
+};
 use proto::{Header, Oid, Opcode};
 use std::io::{IsTerminal, Read, Write};
 
@@ -16,6 +19,21 @@ const IO_CHUNK: u64 = 4 << 20;
 const IO_DEPTH: usize = 4;
 /// Ranges at least this large get a progress bar on a terminal.
 const PROGRESS_MIN: u64 = 64 << 20;
+
+#[derive(Subcommand)]
+pub enum LockCmd {
+    /// List the locked VDIs and their holders.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release a VDI's lock whose holder is gone; --force breaks a live holder's lock.
+    Unlock {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
 
 #[derive(Subcommand)]
 pub enum VdiCmd {
@@ -30,7 +48,15 @@ pub enum VdiCmd {
         /// Fewest live replicas a write needs (default: copies - copies/2).
         #[arg(long)]
         min_copies: Option<u32>,
+        /// Durability mode of the NBD export: none (default), writethrough, writeback.
+        #[arg(long = "cache")]
+        cache_mode: Option<String>,
     },
+    /// Change a VDI setting: `cache MODE` (none, writethrough, writeback).
+    Set { name: String, key: String, value: String },
+    /// VDI locks (one writer per VDI).
+    #[command(subcommand)]
+    Lock(LockCmd),
     /// List VDIs.
     List {
         #[arg(long)]
@@ -75,20 +101,55 @@ pub enum VdiCmd {
 pub async fn run(addr: &str, cmd: VdiCmd) -> Result<()> {
     let sheep = Sheep::connect(addr).await?;
     match cmd {
-        VdiCmd::Create { name, size, copies, min_copies } => {
-            let req = VdiCreateRequest { name, size, copies, min_copies };
+        VdiCmd::Create { name, size, copies, min_copies, cache_mode } => {
+            let req = VdiCreateRequest { name, size, copies, min_copies, cache_mode };
             let v: VdiInfo = sheep.json(Opcode::VdiCreate, &req).await?;
-            println!("created VDI '{}' ({}, vid {:#x}, {} copies, min {})", v.name, human(v.size), v.vid, v.copies, v.min_copies);
+            println!(
+                "created VDI '{}' ({}, vid {:#x}, {} copies, min {}, cache {})",
+                v.name,
+                human(v.size),
+                v.vid,
+                v.copies,
+                v.min_copies,
+                v.cache_mode
+            );
+        }
+        VdiCmd::Set { name, key, value } => {
+            let v: VdiInfo = sheep.json(Opcode::VdiSet, &VdiSetRequest { name, key: key.clone(), value: value.clone() }).await?;
+            println!("VDI '{}': {key} = {value} (applies to NBD connections opened from now on)", v.name);
+        }
+        VdiCmd::Lock(LockCmd::List { json }) => {
+            let l: VdiLockListReply = sheep.json(Opcode::VdiLockList, &()).await?;
+            if json {
+                return crate::print_json(&l.locks);
+            }
+            println!("{:<24} {:>8} {:<36} {:<21} {:>10}", "Name", "Vid", "Holder", "Address", "Generation");
+            for k in &l.locks {
+                println!("{:<24} {:>8x} {:<36} {:<21} {:>10}", k.name, k.vid, k.holder, k.holder_addr.as_deref().unwrap_or("(gone)"), k.generation);
+            }
+        }
+        VdiCmd::Lock(LockCmd::Unlock { name, force }) => {
+            sheep.op(Opcode::VdiUnlock, &VdiUnlockRequest { name: name.clone(), force }).await?;
+            println!("unlocked VDI '{name}'");
         }
         VdiCmd::List { json } => {
             let l: VdiListReply = sheep.json(Opcode::VdiList, &()).await?;
             if json {
                 return crate::print_json(&l.vdis);
             }
-            println!("{:<24} {:>8} {:>10} {:>10} {:>7}", "Name", "Vid", "Size", "Used", "Copies");
+            println!("{:<24} {:>8} {:>10} {:>10} {:>7}  Cache", "Name", "Vid", "Size", "Used", "Copies");
             for v in &l.vdis {
                 let used = v.allocated_objects * v.object_size as u64;
-                println!("{:<24} {:>8x} {:>10} {:>10} {:>4}/{}", v.name, v.vid, human(v.size), human(used.min(v.size)), v.copies, v.min_copies);
+                println!(
+                    "{:<24} {:>8x} {:>10} {:>10} {:>5}/{}  {}",
+                    v.name,
+                    v.vid,
+                    human(v.size),
+                    human(used.min(v.size)),
+                    v.copies,
+                    v.min_copies,
+                    v.cache_mode
+                );
             }
         }
         VdiCmd::Delete { name } => {

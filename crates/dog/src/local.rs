@@ -51,6 +51,9 @@ pub enum LocalCmd {
         /// Do not create the demo VDI.
         #[arg(long)]
         no_demo: bool,
+        /// Do not format the cluster (implies --no-demo).
+        #[arg(long)]
+        no_format: bool,
         /// Object size given to `cluster format`.
         #[arg(long, default_value = "4M", value_parser = parse_size)]
         object_size: u64,
@@ -184,7 +187,8 @@ async fn wait_serving(dir: &Path, cfg: &LocalConfig, i: u32) -> Result<NodeInfoR
 
 pub async fn run(cmd: LocalCmd) -> Result<()> {
     match cmd {
-        LocalCmd::Up { dir, nodes, copies, port, nbd_port, demo_size, no_demo, object_size, fault_injection } => {
+        LocalCmd::Up { dir, nodes, copies, port, nbd_port, demo_size, no_demo, no_format, object_size, fault_injection } => {
+            let no_demo = no_demo || no_format;
             let dir = dir.dir;
             if nodes == 0 {
                 bail!("--nodes must be at least 1");
@@ -209,12 +213,12 @@ pub async fn run(cmd: LocalCmd) -> Result<()> {
             }
             let sheep = Sheep::connect(&cfg.peer_addr(0)).await?;
             let info: ClusterInfoReply = sheep.json(Opcode::ClusterInfo, &()).await?;
-            if info.config.is_none() {
+            if info.config.is_none() && !no_format {
                 let object_size = u32::try_from(object_size).map_err(|_| anyhow!("object size too large"))?;
                 let _: ClusterInfoReply = sheep.json(Opcode::ClusterFormat, &FormatRequest { copies, object_size }).await?;
             }
             if !no_demo {
-                let req = VdiCreateRequest { name: DEMO_VDI.into(), size: demo_size, copies: None, min_copies: None };
+                let req = VdiCreateRequest { name: DEMO_VDI.into(), size: demo_size, copies: None, min_copies: None, cache_mode: None };
                 match sheep.json::<_, VdiInfo>(Opcode::VdiCreate, &req).await {
                     Ok(_) => {}
                     Err(e) if e.to_string().contains("exists") => {}
@@ -222,7 +226,11 @@ pub async fn run(cmd: LocalCmd) -> Result<()> {
                 }
                 let _: VdiInfo = sheep.json(Opcode::VdiInfo, &VdiNameRequest { name: DEMO_VDI.into() }).await?;
             }
-            println!("local cluster up in {}: {nodes} node(s), {copies} copies", dir.display());
+            if no_format {
+                println!("local cluster up in {}: {nodes} node(s), not formatted (dog cluster format)", dir.display());
+            } else {
+                println!("local cluster up in {}: {nodes} node(s), {copies} copies", dir.display());
+            }
             for i in 0..nodes {
                 println!("  node {i}: dog -a {}   nbd {}", cfg.peer_addr(i), cfg.nbd_addr(i));
             }

@@ -181,7 +181,8 @@ pub trait ExportProvider: Send + Sync + 'static {
     /// with exactly one [`BlockDevice::close`]. NBD clients cannot say whether they
     /// intend to write, so this server always passes `read_only_ok = true`: the
     /// provider may hand out a read-only device (e.g. a snapshot) rather than fail.
-    async fn open(&self, name: &str, read_only_ok: bool) -> Result<Arc<dyn BlockDevice>, OpenError>;
+    async fn open(&self, name: &str, read_only_ok: bool)
+        -> Result<Arc<dyn BlockDevice>, OpenError>;
 
     /// Description of an export, sent when a client asks for `NBD_INFO_DESCRIPTION`.
     /// The default looks the name up in [`ExportProvider::list`].

@@ -17,6 +17,7 @@ use crate::consts::*;
 use crate::device::{BlockDevice, ExportProvider, OpenError};
 use crate::option::*;
 use crate::request::ExportParams;
+use crate::wait_shutdown;
 
 /// The outcome of a successful handshake: the export to serve and how.
 pub(crate) struct Negotiated {
@@ -61,7 +62,7 @@ pub(crate) struct Handshake<'a, R, W> {
     pub writer: &'a mut W,
     pub provider: &'a dyn ExportProvider,
     pub max_payload: u32,
-    pub shutdown: &'a watch::Receiver<bool>,
+    pub shutdown: watch::Receiver<bool>,
     pub deadline: Instant,
 }
 
@@ -78,9 +79,15 @@ where
         greeting.put_u64(IHAVEOPT);
         greeting.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
         self.send(&greeting).await?;
-        let client_flags = by(self.deadline, self.reader.read_u32()).await??;
+        let mut client_flags = [0u8; 4];
+        if !self.receive(&mut client_flags).await? {
+            return Ok(None);
+        }
+        let client_flags = u32::from_be_bytes(client_flags);
         if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-            return Err(protocol_error(format!("unknown client flags {client_flags:#x}")));
+            return Err(protocol_error(format!(
+                "unknown client flags {client_flags:#x}"
+            )));
         }
         let mut state = State {
             no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
@@ -88,7 +95,9 @@ where
         };
         loop {
             let mut header = [0u8; 16];
-            by(self.deadline, self.reader.read_exact(&mut header)).await??;
+            if !self.receive(&mut header).await? {
+                return Ok(None);
+            }
             let magic = u64::from_be_bytes(header[0..8].try_into().unwrap_or_default());
             let option = u32::from_be_bytes(header[8..12].try_into().unwrap_or_default());
             let length = u32::from_be_bytes(header[12..16].try_into().unwrap_or_default());
@@ -102,7 +111,9 @@ where
                     put_option_error(&mut reply, option, REP_ERR_TOO_BIG, "option data too long");
                     self.send(&reply).await?;
                 }
-                return Err(protocol_error(format!("option {option} data of {length} bytes")));
+                return Err(protocol_error(format!(
+                    "option {option} data of {length} bytes"
+                )));
             }
             let mut data = vec![0u8; length as usize];
             by(self.deadline, self.reader.read_exact(&mut data)).await??;
@@ -115,6 +126,17 @@ where
         }
     }
 
+    /// Reads exactly `buf.len()` bytes; `false` if the server began shutting down
+    /// first (the client is then disconnected).
+    async fn receive(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            biased;
+            _ = wait_shutdown(&mut shutdown) => Ok(false),
+            read = by(self.deadline, self.reader.read_exact(buf)) => read?.map(|_| true),
+        }
+    }
+
     async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         by(self.deadline, async {
             self.writer.write_all(bytes).await?;
@@ -123,7 +145,12 @@ where
         .await?
     }
 
-    async fn reply_error(&mut self, option: u32, reply_type: u32, message: &str) -> io::Result<Step> {
+    async fn reply_error(
+        &mut self,
+        option: u32,
+        reply_type: u32,
+        message: &str,
+    ) -> io::Result<Step> {
         let mut reply = BytesMut::new();
         put_option_error(&mut reply, option, reply_type, message);
         self.send(&reply).await?;
@@ -139,7 +166,9 @@ where
 
     async fn option(&mut self, state: &mut State, option: u32, data: &[u8]) -> io::Result<Step> {
         if *self.shutdown.borrow() && option != OPT_ABORT {
-            return self.reply_error(option, REP_ERR_SHUTDOWN, "server shutting down").await;
+            return self
+                .reply_error(option, REP_ERR_SHUTDOWN, "server shutting down")
+                .await;
         }
         match option {
             OPT_EXPORT_NAME => self.export_name(state, data).await,
@@ -148,18 +177,27 @@ where
                 let _ = self.reply_ack(option).await;
                 Ok(Step::Close)
             }
-            OPT_LIST if !data.is_empty() => self.reply_error(option, REP_ERR_INVALID, "LIST takes no data").await,
+            OPT_LIST if !data.is_empty() => {
+                self.reply_error(option, REP_ERR_INVALID, "LIST takes no data")
+                    .await
+            }
             OPT_LIST => self.list().await,
             OPT_INFO | OPT_GO => self.info_or_go(state, option, data).await,
             OPT_STRUCTURED_REPLY if !data.is_empty() => {
-                self.reply_error(option, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data").await
+                self.reply_error(option, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
+                    .await
             }
             OPT_STRUCTURED_REPLY => {
                 state.structured = true;
                 self.reply_ack(option).await
             }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(state, option, data).await,
-            _ => self.reply_error(option, REP_ERR_UNSUP, "option not supported").await,
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                self.meta_context(state, option, data).await
+            }
+            _ => {
+                self.reply_error(option, REP_ERR_UNSUP, "option not supported")
+                    .await
+            }
         }
     }
 
@@ -174,18 +212,33 @@ where
         Ok(Step::Continue)
     }
 
-    async fn meta_context(&mut self, state: &mut State, option: u32, data: &[u8]) -> io::Result<Step> {
+    async fn meta_context(
+        &mut self,
+        state: &mut State,
+        option: u32,
+        data: &[u8],
+    ) -> io::Result<Step> {
         let setting = option == OPT_SET_META_CONTEXT;
         if setting {
             // SET replaces the selection, even when it fails.
             state.meta_export = None;
         }
         if !state.structured {
-            return self.reply_error(option, REP_ERR_INVALID, "negotiate structured replies first").await;
+            return self
+                .reply_error(
+                    option,
+                    REP_ERR_INVALID,
+                    "negotiate structured replies first",
+                )
+                .await;
         }
         let request = match parse_meta_context_request(data) {
             Ok(request) => request,
-            Err(e) => return self.reply_error(option, REP_ERR_INVALID, &e.to_string()).await,
+            Err(e) => {
+                return self
+                    .reply_error(option, REP_ERR_INVALID, &e.to_string())
+                    .await
+            }
         };
         let mut reply = BytesMut::new();
         if queries_match_base_allocation(&request.queries, !setting) {
@@ -202,11 +255,16 @@ where
 
     /// Opens an export and checks what it advertises; on failure returns the
     /// option error to send.
-    async fn open(&mut self, name: &str) -> io::Result<Result<(Arc<dyn BlockDevice>, BlockSizes), (u32, String)>> {
+    async fn open(
+        &mut self,
+        name: &str,
+    ) -> io::Result<Result<(Arc<dyn BlockDevice>, BlockSizes), (u32, String)>> {
         let opened = by(self.deadline, self.provider.open(name, true)).await?;
         let device = match opened {
             Ok(device) => device,
-            Err(OpenError::Unknown) => return Ok(Err((REP_ERR_UNKNOWN, format!("no export named {name:?}")))),
+            Err(OpenError::Unknown) => {
+                return Ok(Err((REP_ERR_UNKNOWN, format!("no export named {name:?}"))))
+            }
             Err(OpenError::Policy(message)) => return Ok(Err((REP_ERR_POLICY, message))),
             Err(OpenError::Other(message)) => return Ok(Err((REP_ERR_UNKNOWN, message))),
         };
@@ -220,15 +278,25 @@ where
         }
     }
 
-    fn negotiated(state: &State, name: String, device: Arc<dyn BlockDevice>, sizes: BlockSizes) -> Negotiated {
+    fn negotiated(
+        state: &State,
+        name: String,
+        device: Arc<dyn BlockDevice>,
+        sizes: BlockSizes,
+    ) -> Negotiated {
         let params = ExportParams {
             size: device.size(),
             block_sizes: sizes,
             read_only: device.read_only(),
             structured: state.structured,
-            base_allocation: state.structured && state.meta_export.as_deref() == Some(name.as_str()),
+            base_allocation: state.structured
+                && state.meta_export.as_deref() == Some(name.as_str()),
         };
-        Negotiated { device, export_name: name, params }
+        Negotiated {
+            device,
+            export_name: name,
+            params,
+        }
     }
 
     fn flags(state: &State, device: &dyn BlockDevice) -> u16 {
@@ -239,26 +307,45 @@ where
         })
     }
 
-    async fn info_or_go(&mut self, state: &mut State, option: u32, data: &[u8]) -> io::Result<Step> {
+    async fn info_or_go(
+        &mut self,
+        state: &mut State,
+        option: u32,
+        data: &[u8],
+    ) -> io::Result<Step> {
         let request = match parse_info_request(data) {
             Ok(request) => request,
-            Err(e) => return self.reply_error(option, REP_ERR_INVALID, &e.to_string()).await,
+            Err(e) => {
+                return self
+                    .reply_error(option, REP_ERR_INVALID, &e.to_string())
+                    .await
+            }
         };
         let (device, sizes) = match self.open(&request.name).await? {
             Ok(opened) => opened,
-            Err((reply_type, message)) => return self.reply_error(option, reply_type, &message).await,
+            Err((reply_type, message)) => {
+                return self.reply_error(option, reply_type, &message).await
+            }
         };
         let mut reply = BytesMut::new();
-        put_info_export(&mut reply, option, device.size(), Self::flags(state, device.as_ref()));
+        put_info_export(
+            &mut reply,
+            option,
+            device.size(),
+            Self::flags(state, device.as_ref()),
+        );
         if request.requests.contains(&INFO_NAME) {
             put_info_string(&mut reply, option, INFO_NAME, &request.name);
         }
         if request.requests.contains(&INFO_DESCRIPTION) {
             let description = by(self.deadline, self.provider.description(&request.name)).await;
             match description {
-                Ok(Some(text)) if !text.is_empty() => {
-                    put_info_string(&mut reply, option, INFO_DESCRIPTION, truncate_message(&text))
-                }
+                Ok(Some(text)) if !text.is_empty() => put_info_string(
+                    &mut reply,
+                    option,
+                    INFO_DESCRIPTION,
+                    truncate_message(&text),
+                ),
                 Ok(_) => {}
                 Err(e) => {
                     device.close().await;
@@ -276,7 +363,12 @@ where
             sent?;
             return Ok(Step::Continue);
         }
-        Ok(Step::Transmission(Self::negotiated(state, request.name, device, sizes)))
+        Ok(Step::Transmission(Self::negotiated(
+            state,
+            request.name,
+            device,
+            sizes,
+        )))
     }
 
     async fn export_name(&mut self, state: &mut State, data: &[u8]) -> io::Result<Step> {
@@ -299,6 +391,8 @@ where
             device.close().await;
             return Err(e);
         }
-        Ok(Step::Transmission(Self::negotiated(state, name, device, sizes)))
+        Ok(Step::Transmission(Self::negotiated(
+            state, name, device, sizes,
+        )))
     }
 }

@@ -175,7 +175,9 @@ fn new_chunk() -> Box<[u8]> {
 
 /// A poisoned lock only means another test thread panicked; the data is still usable.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Calls `f(chunk index, offset within chunk, offset within range, length)` for each
@@ -186,7 +188,12 @@ fn for_each_piece(offset: u64, len: u64, mut f: impl FnMut(u64, usize, usize, us
         let position = offset + done;
         let within = position % CHUNK_BYTES;
         let n = (CHUNK_BYTES - within).min(len - done);
-        f(position / CHUNK_BYTES, within as usize, done as usize, n as usize);
+        f(
+            position / CHUNK_BYTES,
+            within as usize,
+            done as usize,
+            n as usize,
+        );
         done += n;
     }
 }
@@ -223,7 +230,8 @@ impl BlockDevice for MemDevice {
         self.before(offset).await?;
         let mut chunks = lock(&self.chunks);
         for_each_piece(offset, data.len() as u64, |index, within, at, n| {
-            chunks.entry(index).or_insert_with(new_chunk)[within..within + n].copy_from_slice(&data[at..at + n]);
+            chunks.entry(index).or_insert_with(new_chunk)[within..within + n]
+                .copy_from_slice(&data[at..at + n]);
         });
         Ok(())
     }
@@ -273,7 +281,11 @@ impl BlockDevice for MemDevice {
             };
             match extents.last_mut() {
                 Some(last) if last.hole == hole && last.zero == zero => last.length += n as u64,
-                _ => extents.push(Extent { length: n as u64, hole, zero }),
+                _ => extents.push(Extent {
+                    length: n as u64,
+                    hole,
+                    zero,
+                }),
             }
         });
         Ok(extents)
@@ -285,7 +297,10 @@ impl BlockDevice for MemDevice {
 }
 
 enum Entry {
-    Device { description: String, device: Arc<MemDevice> },
+    Device {
+        description: String,
+        device: Arc<MemDevice>,
+    },
     Refused(String),
 }
 
@@ -304,7 +319,10 @@ impl MemProvider {
     /// Adds (or replaces) an export and returns its device.
     pub fn add(&self, name: &str, description: &str, device: MemDevice) -> Arc<MemDevice> {
         let device = Arc::new(device);
-        let entry = Entry::Device { description: description.into(), device: device.clone() };
+        let entry = Entry::Device {
+            description: description.into(),
+            device: device.clone(),
+        };
         lock(&self.exports).insert(name.into(), entry);
         device
     }
@@ -321,13 +339,20 @@ impl ExportProvider for MemProvider {
         lock(&self.exports)
             .iter()
             .filter_map(|(name, entry)| match entry {
-                Entry::Device { description, .. } => Some(ExportInfo { name: name.clone(), description: description.clone() }),
+                Entry::Device { description, .. } => Some(ExportInfo {
+                    name: name.clone(),
+                    description: description.clone(),
+                }),
                 Entry::Refused(_) => None,
             })
             .collect()
     }
 
-    async fn open(&self, name: &str, _read_only_ok: bool) -> Result<Arc<dyn BlockDevice>, OpenError> {
+    async fn open(
+        &self,
+        name: &str,
+        _read_only_ok: bool,
+    ) -> Result<Arc<dyn BlockDevice>, OpenError> {
         match lock(&self.exports).get(name) {
             None => Err(OpenError::Unknown),
             Some(Entry::Refused(message)) => Err(OpenError::Policy(message.clone())),
@@ -347,22 +372,49 @@ mod tests {
     async fn memory_device_reads_back_and_reports_holes() {
         let device = MemDevice::new(4 * CHUNK_BYTES);
         assert_eq!(device.read(100, 10).await.unwrap(), vec![0; 10]);
-        device.write(CHUNK_BYTES - 2, Bytes::from_static(b"abcd"), false).await.unwrap();
+        device
+            .write(CHUNK_BYTES - 2, Bytes::from_static(b"abcd"), false)
+            .await
+            .unwrap();
         assert_eq!(device.read(CHUNK_BYTES - 3, 6).await.unwrap(), b"\0abcd\0");
         assert_eq!(device.allocated_chunks(), 2);
-        let status = device.block_status(0, (4 * CHUNK_BYTES) as u32).await.unwrap();
+        let status = device
+            .block_status(0, (4 * CHUNK_BYTES) as u32)
+            .await
+            .unwrap();
         assert_eq!(
             status,
             vec![
-                Extent { length: 2 * CHUNK_BYTES, hole: false, zero: false },
-                Extent { length: 2 * CHUNK_BYTES, hole: true, zero: true },
+                Extent {
+                    length: 2 * CHUNK_BYTES,
+                    hole: false,
+                    zero: false
+                },
+                Extent {
+                    length: 2 * CHUNK_BYTES,
+                    hole: true,
+                    zero: true
+                },
             ]
         );
-        device.trim(0, (2 * CHUNK_BYTES) as u32, false).await.unwrap();
+        device
+            .trim(0, (2 * CHUNK_BYTES) as u32, false)
+            .await
+            .unwrap();
         assert_eq!(device.allocated_chunks(), 0);
-        device.write_zeroes(0, 512, true, true, false).await.unwrap();
+        device
+            .write_zeroes(0, 512, true, true, false)
+            .await
+            .unwrap();
         let status = device.block_status(0, 512).await.unwrap();
-        assert_eq!(status, vec![Extent { length: 512, hole: false, zero: true }]);
+        assert_eq!(
+            status,
+            vec![Extent {
+                length: 512,
+                hole: false,
+                zero: true
+            }]
+        );
         assert_eq!(device.stats().fua_writes, 1);
     }
 }

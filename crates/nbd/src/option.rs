@@ -145,7 +145,12 @@ pub fn put_option_reply(buf: &mut BytesMut, option: u32, reply_type: u32, data: 
 /// Appends an error reply carrying a message for humans (cut to a bounded length).
 pub fn put_option_error(buf: &mut BytesMut, option: u32, reply_type: u32, message: &str) {
     debug_assert!(reply_type & (1 << 31) != 0, "not an error reply type");
-    put_option_reply(buf, option, reply_type, truncate_message(message).as_bytes());
+    put_option_reply(
+        buf,
+        option,
+        reply_type,
+        truncate_message(message).as_bytes(),
+    );
 }
 
 /// Appends `NBD_REP_SERVER` for one export of `NBD_OPT_LIST`.
@@ -277,7 +282,8 @@ mod tests {
 
     #[test]
     fn info_request_parses_name_and_requests() {
-        let parsed = parse_info_request(&info_data(b"vdi0", &[INFO_BLOCK_SIZE, INFO_NAME])).unwrap();
+        let parsed =
+            parse_info_request(&info_data(b"vdi0", &[INFO_BLOCK_SIZE, INFO_NAME])).unwrap();
         assert_eq!(parsed.name, "vdi0");
         assert_eq!(parsed.requests, vec![INFO_BLOCK_SIZE, INFO_NAME]);
         let empty = parse_info_request(&info_data(b"", &[])).unwrap();
@@ -289,13 +295,22 @@ mod tests {
     fn info_request_rejects_malformed_data() {
         let mut data = info_data(b"vdi0", &[1]);
         data.push(0);
-        assert_eq!(parse_info_request(&data), Err(OptionParseError::Trailing(1)));
+        assert_eq!(
+            parse_info_request(&data),
+            Err(OptionParseError::Trailing(1))
+        );
         let data = info_data(b"vdi0", &[1, 2]);
-        assert_eq!(parse_info_request(&data[..data.len() - 1]), Err(OptionParseError::Truncated));
+        assert_eq!(
+            parse_info_request(&data[..data.len() - 1]),
+            Err(OptionParseError::Truncated)
+        );
         let mut data = 100u32.to_be_bytes().to_vec();
         data.extend_from_slice(b"short");
         assert_eq!(parse_info_request(&data), Err(OptionParseError::Truncated));
-        assert_eq!(parse_info_request(&info_data(&[0xff, 0xfe], &[])), Err(OptionParseError::NotUtf8));
+        assert_eq!(
+            parse_info_request(&info_data(&[0xff, 0xfe], &[])),
+            Err(OptionParseError::NotUtf8)
+        );
         assert_eq!(parse_info_request(&[]), Err(OptionParseError::Truncated));
         let long = vec![b'a'; STRING_MAX_BYTES + 1];
         assert_eq!(
@@ -317,7 +332,8 @@ mod tests {
 
     #[test]
     fn meta_context_request_parses_and_matches() {
-        let req = parse_meta_context_request(&meta_data("e", &["base:allocation", "qemu:dirty"])).unwrap();
+        let req = parse_meta_context_request(&meta_data("e", &["base:allocation", "qemu:dirty"]))
+            .unwrap();
         assert_eq!(req.export, "e");
         assert_eq!(req.queries.len(), 2);
         assert!(queries_match_base_allocation(&req.queries, false));
@@ -325,7 +341,10 @@ mod tests {
         assert!(!queries_match_base_allocation(&[], false));
         assert!(queries_match_base_allocation(&["base:".into()], true));
         assert!(!queries_match_base_allocation(&["base:".into()], false));
-        assert!(!queries_match_base_allocation(&["qemu:allocation-depth".into()], true));
+        assert!(!queries_match_base_allocation(
+            &["qemu:allocation-depth".into()],
+            true
+        ));
     }
 
     #[test]
@@ -333,7 +352,10 @@ mod tests {
         let mut data = meta_data("e", &[]);
         let n = data.len();
         data[n - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert_eq!(parse_meta_context_request(&data), Err(OptionParseError::Truncated));
+        assert_eq!(
+            parse_meta_context_request(&data),
+            Err(OptionParseError::Truncated)
+        );
     }
 
     #[test]
@@ -361,9 +383,22 @@ mod tests {
     #[test]
     fn block_sizes_follow_protocol_rules() {
         let sizes = BlockSizes::new(512, 32 << 20).unwrap();
-        assert_eq!(sizes, BlockSizes { minimum: 512, preferred: 4096, maximum: 32 << 20 });
-        assert_eq!(BlockSizes::new(1, 10).unwrap().maximum, MAX_PAYLOAD_FLOOR_BYTES);
-        assert_eq!(BlockSizes::new(65536, u32::MAX).unwrap().maximum, MAX_PAYLOAD_CEILING_BYTES);
+        assert_eq!(
+            sizes,
+            BlockSizes {
+                minimum: 512,
+                preferred: 4096,
+                maximum: 32 << 20
+            }
+        );
+        assert_eq!(
+            BlockSizes::new(1, 10).unwrap().maximum,
+            MAX_PAYLOAD_FLOOR_BYTES
+        );
+        assert_eq!(
+            BlockSizes::new(65536, u32::MAX).unwrap().maximum,
+            MAX_PAYLOAD_CEILING_BYTES
+        );
         assert!(BlockSizes::new(3, 1 << 20).is_none());
         assert!(BlockSizes::new(0, 1 << 20).is_none());
         assert!(BlockSizes::new(1 << 17, 1 << 20).is_none());
@@ -371,14 +406,34 @@ mod tests {
 
     #[test]
     fn transmission_flags_depend_on_caps() {
-        let rw = transmission_flags(ExportCaps { read_only: false, can_multi_conn: true, structured: true });
+        let rw = transmission_flags(ExportCaps {
+            read_only: false,
+            can_multi_conn: true,
+            structured: true,
+        });
         assert_ne!(rw & FLAG_SEND_TRIM, 0);
         assert_ne!(rw & FLAG_SEND_DF, 0);
         assert_ne!(rw & FLAG_CAN_MULTI_CONN, 0);
         assert_eq!(rw & FLAG_READ_ONLY, 0);
-        let ro = transmission_flags(ExportCaps { read_only: true, can_multi_conn: false, structured: false });
+        let ro = transmission_flags(ExportCaps {
+            read_only: true,
+            can_multi_conn: false,
+            structured: false,
+        });
         assert_ne!(ro & FLAG_READ_ONLY, 0);
-        assert_eq!(ro & (FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_DF | FLAG_CAN_MULTI_CONN), 0);
+        assert_eq!(
+            ro & (FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_DF | FLAG_CAN_MULTI_CONN),
+            0
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_random_option_data_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let _ = parse_info_request(&data);
+            let _ = parse_meta_context_request(&data);
+            let _ = parse_string(&data);
+        }
     }
 
     #[test]

@@ -181,7 +181,10 @@ impl ReplyBatch {
 }
 
 /// Writes all slices in order with as few (vectored) writes as the socket allows.
-pub async fn write_all_vectored<W: AsyncWrite + Unpin>(writer: &mut W, slices: &[&[u8]]) -> io::Result<()> {
+pub async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    slices: &[&[u8]],
+) -> io::Result<()> {
     const IOVECS_PER_WRITE_MAX: usize = 64;
     let (mut index, mut offset) = (0usize, 0usize);
     while index < slices.len() {
@@ -232,7 +235,8 @@ pub fn block_status_descriptors(extents: &[Extent], len: u32, req_one: bool) -> 
             continue;
         }
         let take = extent.length.min(u64::from(len - covered)) as u32;
-        let flags = (if extent.hole { STATE_HOLE } else { 0 }) | (if extent.zero { STATE_ZERO } else { 0 });
+        let flags =
+            (if extent.hole { STATE_HOLE } else { 0 }) | (if extent.zero { STATE_ZERO } else { 0 });
         let same_as_last = descriptors.last().is_some_and(|last| last.1 == flags);
         if same_as_last {
             if let Some(last) = descriptors.last_mut() {
@@ -264,19 +268,41 @@ mod tests {
     }
 
     fn read_reply(data: Vec<u8>) -> Reply {
-        Reply { cookie: 0x0102_0304_0506_0708, is_read: true, body: ReplyBody::Data { offset: 4096, data } }
+        Reply {
+            cookie: 0x0102_0304_0506_0708,
+            is_read: true,
+            body: ReplyBody::Data { offset: 4096, data },
+        }
     }
 
     #[test]
     fn simple_replies_are_exact() {
         let bytes = encode(read_reply(vec![0xab; 3]), false);
-        assert_eq!(bytes, [&[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8][..], &[0xab; 3]].concat());
+        assert_eq!(
+            bytes,
+            [
+                &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8][..],
+                &[0xab; 3]
+            ]
+            .concat()
+        );
         let error = Reply {
             cookie: 9,
             is_read: true,
-            body: ReplyBody::Error { errno: NbdErrno::Inval, message: "no".into() },
+            body: ReplyBody::Error {
+                errno: NbdErrno::Inval,
+                message: "no".into(),
+            },
         };
-        assert_eq!(encode(error, false), [&0x6744_6698u32.to_be_bytes()[..], &22u32.to_be_bytes(), &9u64.to_be_bytes()].concat());
+        assert_eq!(
+            encode(error, false),
+            [
+                &0x6744_6698u32.to_be_bytes()[..],
+                &22u32.to_be_bytes(),
+                &9u64.to_be_bytes()
+            ]
+            .concat()
+        );
     }
 
     #[test]
@@ -299,20 +325,34 @@ mod tests {
         let error = Reply {
             cookie: 1,
             is_read: false,
-            body: ReplyBody::Error { errno: NbdErrno::NoSpc, message: "full".into() },
+            body: ReplyBody::Error {
+                errno: NbdErrno::NoSpc,
+                message: "full".into(),
+            },
         };
         let bytes = encode(error, true);
         assert_eq!(&bytes[6..8], &REPLY_TYPE_ERROR.to_be_bytes());
         assert_eq!(&bytes[16..20], &10u32.to_be_bytes());
         assert_eq!(&bytes[20..], &[0, 0, 0, 28, 0, 4, b'f', b'u', b'l', b'l']);
 
-        let status = Reply { cookie: 1, is_read: false, body: ReplyBody::BlockStatus(vec![(512, 3), (1024, 0)]) };
+        let status = Reply {
+            cookie: 1,
+            is_read: false,
+            body: ReplyBody::BlockStatus(vec![(512, 3), (1024, 0)]),
+        };
         let bytes = encode(status, true);
         assert_eq!(&bytes[6..8], &REPLY_TYPE_BLOCK_STATUS.to_be_bytes());
         assert_eq!(&bytes[16..20], &20u32.to_be_bytes());
-        assert_eq!(&bytes[20..], &[0, 0, 0, 1, 0, 0, 2, 0, 0, 0, 0, 3, 0, 0, 4, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            &bytes[20..],
+            &[0, 0, 0, 1, 0, 0, 2, 0, 0, 0, 0, 3, 0, 0, 4, 0, 0, 0, 0, 0]
+        );
 
-        let done = Reply { cookie: 1, is_read: false, body: ReplyBody::Done };
+        let done = Reply {
+            cookie: 1,
+            is_read: false,
+            body: ReplyBody::Done,
+        };
         assert_eq!(&encode(done, true)[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
     }
 
@@ -320,10 +360,21 @@ mod tests {
     fn batch_keeps_order_and_merges_inline_bytes() {
         let mut batch = ReplyBatch::default();
         batch.push(read_reply(vec![1; 8192]), false);
-        batch.push(Reply { cookie: 2, is_read: false, body: ReplyBody::Done }, false);
+        batch.push(
+            Reply {
+                cookie: 2,
+                is_read: false,
+                body: ReplyBody::Done,
+            },
+            false,
+        );
         batch.push(read_reply(vec![2; 100]), false);
         let slices = batch.slices();
-        assert_eq!(slices.len(), 3, "header, large payload, then the rest merged");
+        assert_eq!(
+            slices.len(),
+            3,
+            "header, large payload, then the rest merged"
+        );
         assert_eq!(slices[1], &[1u8; 8192][..]);
         assert_eq!(batch.replies(), 3);
         assert_eq!(batch.bytes(), 16 + 8192 + 16 + 16 + 100);
@@ -337,7 +388,9 @@ mod tests {
         let expected = slices.concat();
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
-            tokio::io::AsyncReadExt::read_to_end(&mut client, &mut got).await.unwrap();
+            tokio::io::AsyncReadExt::read_to_end(&mut client, &mut got)
+                .await
+                .unwrap();
             got
         });
         let refs: Vec<&[u8]> = slices.iter().map(|s| &s[..]).collect();
@@ -349,12 +402,29 @@ mod tests {
     #[test]
     fn block_status_descriptors_are_shaped() {
         let e = |length, hole, zero| Extent { length, hole, zero };
-        let extents = [e(0, false, false), e(512, true, true), e(512, true, true), e(4096, false, false), e(1 << 40, true, true)];
-        assert_eq!(block_status_descriptors(&extents, 2048, false), vec![(1024, 3), (1024, 0)]);
-        assert_eq!(block_status_descriptors(&extents, 8192, true), vec![(1024, 3)]);
-        assert_eq!(block_status_descriptors(&extents, 1 << 20, false), vec![(1024, 3), (4096, 0), ((1 << 20) - 5120, 3)]);
+        let extents = [
+            e(0, false, false),
+            e(512, true, true),
+            e(512, true, true),
+            e(4096, false, false),
+            e(1 << 40, true, true),
+        ];
+        assert_eq!(
+            block_status_descriptors(&extents, 2048, false),
+            vec![(1024, 3), (1024, 0)]
+        );
+        assert_eq!(
+            block_status_descriptors(&extents, 8192, true),
+            vec![(1024, 3)]
+        );
+        assert_eq!(
+            block_status_descriptors(&extents, 1 << 20, false),
+            vec![(1024, 3), (4096, 0), ((1 << 20) - 5120, 3)]
+        );
         assert_eq!(block_status_descriptors(&[], 4096, false), vec![(4096, 0)]);
-        let many: Vec<Extent> = (0..BLOCK_STATUS_EXTENTS_MAX * 2).map(|i| e(1, i % 2 == 0, false)).collect();
+        let many: Vec<Extent> = (0..BLOCK_STATUS_EXTENTS_MAX * 2)
+            .map(|i| e(1, i % 2 == 0, false))
+            .collect();
         let shaped = block_status_descriptors(&many, u32::MAX, false);
         assert_eq!(shaped.len(), BLOCK_STATUS_EXTENTS_MAX);
     }

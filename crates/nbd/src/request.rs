@@ -123,7 +123,11 @@ pub enum Command {
         fast_zero: bool,
     },
     /// Allocation status of a range.
-    BlockStatus { offset: u64, len: u32, req_one: bool },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
 }
 
 /// Command flags each command accepts (FUA is valid on every command once
@@ -222,7 +226,13 @@ mod tests {
     }
 
     fn header(command: u16, flags: u16, offset: u64, length: u32) -> RequestHeader {
-        RequestHeader { flags, command, cookie: 7, offset, length }
+        RequestHeader {
+            flags,
+            command,
+            cookie: 7,
+            offset,
+            length,
+        }
     }
 
     #[test]
@@ -240,7 +250,13 @@ mod tests {
     fn validation_maps_errors_as_the_protocol_says() {
         let p = params(512);
         let v = |c, f, o, l| validate(&header(c, f, o, l), &p);
-        assert_eq!(v(CMD_READ, 0, 0, 4096), Ok(Command::Read { offset: 0, len: 4096 }));
+        assert_eq!(
+            v(CMD_READ, 0, 0, 4096),
+            Ok(Command::Read {
+                offset: 0,
+                len: 4096
+            })
+        );
         assert_eq!(v(CMD_READ, 0, (1 << 20) - 512, 1024), Err(NbdErrno::Inval));
         assert_eq!(v(CMD_WRITE, 0, (1 << 20) - 512, 1024), Err(NbdErrno::NoSpc));
         assert_eq!(v(CMD_WRITE_ZEROES, 0, 1 << 20, 512), Err(NbdErrno::NoSpc));
@@ -255,15 +271,36 @@ mod tests {
         assert_eq!(v(CMD_FLUSH, 0, 0, 0), Ok(Command::Flush));
         assert_eq!(v(CMD_FLUSH, 0, 512, 0), Err(NbdErrno::Inval));
         assert_eq!(v(CMD_DISC, 0xffff, 3, 3), Ok(Command::Disc));
-        assert_eq!(v(CMD_READ, 0, 1 << 20, 0), Ok(Command::Read { offset: 1 << 20, len: 0 }));
+        assert_eq!(
+            v(CMD_READ, 0, 1 << 20, 0),
+            Ok(Command::Read {
+                offset: 1 << 20,
+                len: 0
+            })
+        );
         assert_eq!(v(CMD_BLOCK_STATUS, 0, 0, 0), Err(NbdErrno::Inval));
         assert_eq!(
-            v(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO | CMD_FLAG_FUA, 512, 512),
-            Ok(Command::WriteZeroes { offset: 512, len: 512, no_hole: true, fua: true, fast_zero: true })
+            v(
+                CMD_WRITE_ZEROES,
+                CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO | CMD_FLAG_FUA,
+                512,
+                512
+            ),
+            Ok(Command::WriteZeroes {
+                offset: 512,
+                len: 512,
+                no_hole: true,
+                fua: true,
+                fast_zero: true
+            })
         );
         assert_eq!(
             v(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 1 << 20),
-            Ok(Command::BlockStatus { offset: 0, len: 1 << 20, req_one: true })
+            Ok(Command::BlockStatus {
+                offset: 0,
+                len: 1 << 20,
+                req_one: true
+            })
         );
     }
 
@@ -279,16 +316,28 @@ mod tests {
         let mut p = params(1);
         p.structured = false;
         p.base_allocation = false;
-        assert_eq!(validate(&header(CMD_READ, CMD_FLAG_DF, 0, 1), &p), Err(NbdErrno::Inval));
-        assert_eq!(validate(&header(CMD_BLOCK_STATUS, 0, 0, 1), &p), Err(NbdErrno::Inval));
+        assert_eq!(
+            validate(&header(CMD_READ, CMD_FLAG_DF, 0, 1), &p),
+            Err(NbdErrno::Inval)
+        );
+        assert_eq!(
+            validate(&header(CMD_BLOCK_STATUS, 0, 0, 1), &p),
+            Err(NbdErrno::Inval)
+        );
     }
 
     #[test]
     fn write_payload_disposition() {
         let h = |command, length| header(command, 0, 0, length);
         assert_eq!(payload_of(&h(CMD_READ, 1 << 30), 1 << 20), Payload::None);
-        assert_eq!(payload_of(&h(CMD_WRITE, 1 << 20), 1 << 20), Payload::Read(1 << 20));
-        assert_eq!(payload_of(&h(CMD_WRITE, (1 << 20) + 1), 1 << 20), Payload::Discard((1 << 20) + 1));
+        assert_eq!(
+            payload_of(&h(CMD_WRITE, 1 << 20), 1 << 20),
+            Payload::Read(1 << 20)
+        );
+        assert_eq!(
+            payload_of(&h(CMD_WRITE, (1 << 20) + 1), 1 << 20),
+            Payload::Discard((1 << 20) + 1)
+        );
         assert_eq!(payload_of(&h(CMD_WRITE, u32::MAX), 1 << 20), Payload::Close);
     }
 

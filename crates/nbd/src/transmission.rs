@@ -63,7 +63,11 @@ pub(crate) async fn run<R, W>(
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let Negotiated { device, export_name, params } = negotiated;
+    let Negotiated {
+        device,
+        export_name,
+        params,
+    } = negotiated;
     debug!(export = %export_name, size = params.size, structured = params.structured, "transmission");
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer_task = tokio::spawn(write_replies(writer, rx, params.structured));
@@ -122,9 +126,16 @@ pub(crate) async fn run<R, W>(
                         break End::Io(e);
                     }
                 }
-                let message = format!("invalid request (command {}, flags {:#x})", header.command, header.flags);
+                let message = format!(
+                    "invalid request (command {}, flags {:#x})",
+                    header.command, header.flags
+                );
                 let body = ReplyBody::Error { errno, message };
-                let reply = Reply { cookie: header.cookie, is_read, body };
+                let reply = Reply {
+                    cookie: header.cookie,
+                    is_read,
+                    body,
+                };
                 let _ = tx.send(Outgoing { reply, permits });
                 continue;
             }
@@ -140,7 +151,11 @@ pub(crate) async fn run<R, W>(
         let tx = tx.clone();
         tasks.spawn(async move {
             let body = execute(device.as_ref(), command, data).await;
-            let reply = Reply { cookie: header.cookie, is_read, body };
+            let reply = Reply {
+                cookie: header.cookie,
+                is_read,
+                body,
+            };
             // The writer is gone only if the client is; the reply has no reader then.
             let _ = tx.send(Outgoing { reply, permits });
         });
@@ -196,10 +211,18 @@ async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u32) -> io::Result<(
 /// reaching it.
 async fn execute(device: &dyn BlockDevice, command: Command, data: Bytes) -> ReplyBody {
     let result = match command {
-        Command::Read { offset, len: 0 } => return ReplyBody::Data { offset, data: Vec::new() },
+        Command::Read { offset, len: 0 } => {
+            return ReplyBody::Data {
+                offset,
+                data: Vec::new(),
+            }
+        }
         Command::Read { offset, len } => match device.read(offset, len).await {
             Ok(data) if data.len() == len as usize => return ReplyBody::Data { offset, data },
-            Ok(data) => Err(BlockError::io(format!("device read {} bytes of {len}", data.len()))),
+            Ok(data) => Err(BlockError::io(format!(
+                "device read {} bytes of {len}",
+                data.len()
+            ))),
             Err(e) => Err(e),
         },
         Command::Write { len: 0, .. } => Ok(()),
@@ -207,11 +230,25 @@ async fn execute(device: &dyn BlockDevice, command: Command, data: Bytes) -> Rep
         Command::Flush => device.flush().await,
         Command::Trim { len: 0, .. } | Command::WriteZeroes { len: 0, .. } => Ok(()),
         Command::Trim { offset, len, fua } => device.trim(offset, len, fua).await,
-        Command::WriteZeroes { offset, len, no_hole, fua, fast_zero } => {
-            device.write_zeroes(offset, len, no_hole, fua, fast_zero).await
+        Command::WriteZeroes {
+            offset,
+            len,
+            no_hole,
+            fua,
+            fast_zero,
+        } => {
+            device
+                .write_zeroes(offset, len, no_hole, fua, fast_zero)
+                .await
         }
-        Command::BlockStatus { offset, len, req_one } => match device.block_status(offset, len).await {
-            Ok(extents) => return ReplyBody::BlockStatus(block_status_descriptors(&extents, len, req_one)),
+        Command::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => match device.block_status(offset, len).await {
+            Ok(extents) => {
+                return ReplyBody::BlockStatus(block_status_descriptors(&extents, len, req_one))
+            }
             Err(e) => Err(e),
         },
         Command::Cache { .. } | Command::Disc => Ok(()),
@@ -220,7 +257,10 @@ async fn execute(device: &dyn BlockDevice, command: Command, data: Bytes) -> Rep
         Ok(()) => ReplyBody::Done,
         Err(e) => {
             debug!(?command, error = %e, "device error");
-            ReplyBody::Error { errno: e.errno, message: e.message }
+            ReplyBody::Error {
+                errno: e.errno,
+                message: e.message,
+            }
         }
     }
 }

@@ -32,7 +32,17 @@ pub struct VdiHeader {
     pub parent_vid: Vid,
     pub snap_unix: u64,
     pub tag: String,
+    /// Durability mode of the VDI's NBD export: "none", "writethrough" or "writeback".
+    #[serde(default = "default_cache_mode")]
+    pub cache_mode: String,
 }
+
+fn default_cache_mode() -> String {
+    CACHE_MODES[0].to_string()
+}
+
+/// The durability modes, default first (DESIGN.md §5).
+pub const CACHE_MODES: [&str; 3] = ["none", "writethrough", "writeback"];
 
 impl VdiHeader {
     /// Number of data objects the VDI spans.
@@ -122,6 +132,7 @@ mod tests {
             parent_vid: 0,
             snap_unix: 0,
             tag: String::new(),
+            cache_mode: "none".into(),
         }
     }
 

@@ -102,6 +102,9 @@ pub struct VdiCreateRequest {
     pub size: u64,
     pub copies: Option<u32>,
     pub min_copies: Option<u32>,
+    /// Durability mode of its NBD export; the default is "none".
+    #[serde(default)]
+    pub cache_mode: Option<String>,
 }
 
 /// Body of VdiDelete and VdiInfo.
@@ -136,6 +139,38 @@ pub struct VdiInfo {
     pub object_size: u32,
     /// Data objects this VDI owns (written at least once).
     pub allocated_objects: u64,
+    pub cache_mode: String,
+}
+
+/// Body of VdiSet: change one setting of a VDI.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VdiSetRequest {
+    pub name: String,
+    pub key: String,
+    pub value: String,
+}
+
+/// A VDI lock as shown to clients.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VdiLockInfo {
+    pub name: String,
+    pub vid: Vid,
+    pub holder: Uuid,
+    pub holder_addr: Option<String>,
+    pub generation: u64,
+}
+
+/// Reply to VdiLockList.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VdiLockListReply {
+    pub locks: Vec<VdiLockInfo>,
+}
+
+/// Body of VdiUnlock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VdiUnlockRequest {
+    pub name: String,
+    pub force: bool,
 }
 
 /// Reply to VdiList.
@@ -174,7 +209,7 @@ mod tests {
     proptest! {
         #[test]
         fn create_request_round_trips(name in ".{0,64}", size in any::<u64>(), copies in proptest::option::of(1u32..8)) {
-            let m = VdiCreateRequest { name, size, copies, min_copies: None };
+            let m = VdiCreateRequest { name, size, copies, min_copies: None, cache_mode: None };
             prop_assert_eq!(decode::<VdiCreateRequest>(&encode(&m)), Ok(m));
         }
 

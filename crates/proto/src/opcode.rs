@@ -49,6 +49,12 @@ pub enum Opcode {
     VdiObject = 46,
     /// One VDI's info, by name (JSON body and reply).
     VdiInfo = 47,
+    /// Change a VDI setting (JSON body).
+    VdiSet = 48,
+    /// List VDI locks.
+    VdiLockList = 49,
+    /// Release a VDI lock (JSON body; `force` breaks a live holder's lock).
+    VdiUnlock = 50,
 }
 
 impl TryFrom<u16> for Opcode {
@@ -80,6 +86,9 @@ impl TryFrom<u16> for Opcode {
             45 => VdiWrite,
             46 => VdiObject,
             47 => VdiInfo,
+            48 => VdiSet,
+            49 => VdiLockList,
+            50 => VdiUnlock,
             other => return Err(FrameError::UnknownOpcode(other)),
         })
     }
@@ -114,6 +123,6 @@ mod tests {
                 known += 1;
             }
         }
-        assert_eq!(known, 23);
+        assert_eq!(known, 26);
     }
 }

@@ -9,15 +9,18 @@
 
 use crate::node::Node;
 use futures::future::join_all;
-use crate::replicate::{read_object_replicas, replicate, WriteKind};
+use crate::replicate::{read_object_replicas, replicate, replicate_len, WriteKind};
 use proto::inode::{decode_table, split_range, table_entry_offset, VdiHeader};
 use proto::oid::INODE_HEADER_SIZE;
 use proto::{ErrorCode, Oid, PeerError, Vid};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use uuid::Uuid;
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Stripes of per-object write locks per VDI.
 const WRITE_STRIPES: usize = 256;
+/// How long a flush waits for a dead node to leave the membership.
+const FLUSH_SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 /// Object pieces of one request processed at once.
 const PIECES_IN_FLIGHT_MAX: usize = 16;
 
@@ -26,6 +29,10 @@ pub struct VdiState {
     header: RwLock<VdiHeader>,
     table: RwLock<Vec<Vid>>,
     stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Nodes that applied unsynced writes of this VDI since the last flush began.
+    unsynced: Mutex<HashSet<Uuid>>,
+    /// Orders flushes: one does not return while an earlier one's syncs still run.
+    flush_order: tokio::sync::Mutex<()>,
 }
 
 impl VdiState {
@@ -44,6 +51,13 @@ impl VdiState {
             t.resize(index as usize + 1, 0);
         }
         t[index as usize] = vid;
+    }
+
+    /// Records the nodes of an unsynced write for the next flush.
+    fn note_unsynced(&self, durable: bool, nodes: Vec<Uuid>) {
+        if !durable {
+            self.unsynced.lock().unwrap_or_else(|p| p.into_inner()).extend(nodes);
+        }
     }
 
     /// Number of data objects this VDI owns.
@@ -88,6 +102,8 @@ pub async fn open_vdi(node: &Node, vid: Vid, refresh_header: bool) -> Result<Arc
         header: RwLock::new(header),
         table: RwLock::new(decode_table(&table_bytes)),
         stripes: (0..WRITE_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+        unsynced: Mutex::new(HashSet::new()),
+        flush_order: tokio::sync::Mutex::new(()),
     });
     let mut vdis = node.gateway.vdis.lock().unwrap_or_else(|p| p.into_inner());
     Ok(vdis.entry(vid).or_insert(state).clone())
@@ -185,7 +201,9 @@ async fn write_object(node: &Node, vdi: &VdiState, h: &VdiHeader, index: u32, of
     let (copies, min) = (h.copies as usize, h.min_copies as usize);
     let owner = vdi.entry(index);
     if owner == h.vid {
-        return replicate(node, WriteKind::Write, oid, offset, data, copies, min, durable).await;
+        let nodes = replicate(node, WriteKind::Write, oid, offset, data, copies, min, durable).await?;
+        vdi.note_unsynced(durable, nodes);
+        return Ok(());
     }
     if owner != 0 {
         return Err(PeerError::new(
@@ -193,11 +211,124 @@ async fn write_object(node: &Node, vdi: &VdiState, h: &VdiHeader, index: u32, of
             format!("object {index} of vid {} belongs to vid {owner}: copy-on-write is not supported yet", h.vid),
         ));
     }
-    replicate(node, WriteKind::Create, oid, offset, data, copies, min, durable).await?;
-    let entry = h.vid.to_le_bytes();
-    replicate(node, WriteKind::Write, Oid::inode(h.vid), table_entry_offset(index), &entry, copies, min, durable).await?;
-    vdi.set_entry(index, h.vid);
+    let nodes = replicate(node, WriteKind::Create, oid, offset, data, copies, min, durable).await?;
+    vdi.note_unsynced(durable, nodes);
+    set_table_entry(node, vdi, h, index, h.vid, durable).await
+}
+
+/// Points table entry `index` at `owner` on the inode's replicas, then in the cache.
+async fn set_table_entry(node: &Node, vdi: &VdiState, h: &VdiHeader, index: u32, owner: Vid, durable: bool) -> Result<(), PeerError> {
+    let (copies, min) = (h.copies as usize, h.min_copies as usize);
+    let entry = owner.to_le_bytes();
+    let nodes = replicate(node, WriteKind::Write, Oid::inode(h.vid), table_entry_offset(index), &entry, copies, min, durable).await?;
+    vdi.note_unsynced(durable, nodes);
+    vdi.set_entry(index, owner);
     Ok(())
+}
+
+/// Makes a range read as zeros. Whole objects are freed (unless `no_hole`): the object
+/// is zeroed, its table entry cleared, then it is removed, so a crash between steps
+/// never lets old data reappear. Partial ranges are punched; `no_hole` writes zeros.
+pub async fn zero_range(node: &Node, vdi: &VdiState, offset: u64, len: u64, no_hole: bool, durable: bool) -> Result<(), PeerError> {
+    let h = vdi.header();
+    for (index, in_obj, n) in split_range(offset, len, h.object_size) {
+        if no_hole {
+            let zeros = vec![0u8; n as usize];
+            write_object(node, vdi, &h, index, in_obj, &zeros, durable).await?;
+            continue;
+        }
+        let _ordered = vdi.stripes[index as usize % WRITE_STRIPES].lock().await;
+        let owner = vdi.entry(index);
+        if owner == 0 {
+            continue;
+        }
+        if owner != h.vid {
+            return Err(PeerError::new(ErrorCode::Unsupported, "trimming a shared (snapshot) object is not supported yet"));
+        }
+        let oid = Oid::data(h.vid, index);
+        let (copies, min) = (h.copies as usize, h.min_copies as usize);
+        let whole = in_obj == 0 && n == h.object_size as u64;
+        let nodes = replicate_len(node, WriteKind::Punch, oid, in_obj, &[], n, copies, min, durable || whole).await?;
+        vdi.note_unsynced(durable || whole, nodes);
+        if whole {
+            set_table_entry(node, vdi, &h, index, 0, true).await?;
+            let nodes = replicate(node, WriteKind::Remove, oid, 0, &[], copies, 1, true).await?;
+            vdi.note_unsynced(true, nodes);
+        }
+    }
+    Ok(())
+}
+
+/// Allocation of a range from the data table: (length, allocated) runs in order.
+pub async fn allocation(node: &Node, vdi: &VdiState, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, PeerError> {
+    let h = vdi.header();
+    let mut runs: Vec<(u64, bool)> = Vec::new();
+    for (index, _, n) in split_range(offset, len, h.object_size) {
+        let allocated = owner_of(node, vdi, index).await? != 0;
+        match runs.last_mut() {
+            Some((l, a)) if *a == allocated => *l += n,
+            _ => runs.push((n, allocated)),
+        }
+    }
+    Ok(runs)
+}
+
+/// FLUSH: makes every write this gateway acknowledged for the VDI before the call
+/// durable, by syncing each node that applied one of them exactly once. Flushes are
+/// ordered. A node that left the cluster is skipped once the new epoch is installed
+/// (its replicas are no longer part of the VDI's live copies); a failed sync on a live
+/// node fails the flush (EIO) and the node stays due for the next one.
+pub async fn flush(node: &Node, vdi: &VdiState) -> Result<(), PeerError> {
+    let _ordered = vdi.flush_order.lock().await;
+    let due: Vec<Uuid> = std::mem::take(&mut *vdi.unsynced.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
+    let results = join_all(due.iter().map(|u| sync_node(node, *u))).await;
+    let mut unreached = Vec::new();
+    let mut first_err = None;
+    for (u, r) in due.iter().zip(results) {
+        match r {
+            Ok(()) => {}
+            Err(e) => {
+                // A node that never answered stays due. A node whose sync failed is not
+                // retried: its store has quarantined what it could not make durable,
+                // and a later "successful" sync must not hide that loss.
+                if e.code == ErrorCode::Unreachable {
+                    unreached.push(*u);
+                }
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        vdi.unsynced.lock().unwrap_or_else(|p| p.into_inner()).extend(unreached);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Syncs one node, waiting (bounded) for a new epoch if it does not answer.
+async fn sync_node(node: &Node, uuid: Uuid) -> Result<(), PeerError> {
+    let deadline = std::time::Instant::now() + FLUSH_SETTLE_TIMEOUT;
+    loop {
+        let view = node.view();
+        let Some(member) = view.member(uuid).cloned() else {
+            tracing::warn!(node = %uuid, "flush: node left the cluster; its replicas are no longer live");
+            return Ok(());
+        };
+        let h = proto::Header::request(proto::Opcode::SyncAll, 0, view.epoch());
+        match node.call(&member, h, Vec::new(), crate::replicate::OBJECT_CALL_TIMEOUT).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_unreachable() && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                node.refresh().await?;
+            }
+            Err(e) if e.is_unreachable() => {
+                return Err(PeerError::new(ErrorCode::Unreachable, format!("flush: node {} ({}) does not answer: {e}", uuid, member.addr)));
+            }
+            Err(e) => {
+                return Err(PeerError::new(ErrorCode::Io, format!("flush: sync of node {} ({}) failed: {e}", uuid, member.addr)));
+            }
+        }
+    }
 }
 
 /// The owner of a table entry, refreshed from the inode when the cache says "never written".

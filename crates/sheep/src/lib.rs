@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod dispatch;
 pub mod error;
+pub mod export;
 pub mod gateway;
 pub mod node;
 pub mod options;
@@ -51,6 +52,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     node.spawn_follower();
 
     let server = tokio::spawn(server::serve(node.clone(), listener));
+    let nbd_server = match &opts.nbd {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("NBD listening on {addr}"))?;
+            let provider = Arc::new(export::SheepExports::new(&node));
+            let stop = nbd_shutdown_signal(&node);
+            tracing::info!(%addr, "serving VDIs over NBD");
+            Some(tokio::spawn(nbd::serve(l, provider, nbd::ServerConfig::default(), stop)))
+        }
+        None => None,
+    };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut stop = node.shutdown_signal();
@@ -60,6 +71,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         _ = stop.changed() => tracing::info!("shutdown requested: leaving the cluster"),
     }
     node.request_shutdown();
+    if let Some(handle) = nbd_server {
+        // Let NBD connections finish: their close flushes and releases VDI locks.
+        if tokio::time::timeout(Duration::from_secs(15), handle).await.is_err() {
+            tracing::warn!("NBD connections did not finish in time");
+        }
+    }
     if let Some(store) = node.store() {
         let _ = tokio::task::spawn_blocking(move || store.sync_all()).await;
     }
@@ -70,4 +87,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     server.abort();
     Ok(())
+}
+
+/// The NBD server's stop signal, following the node's shutdown.
+fn nbd_shutdown_signal(node: &Node) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut stop = node.shutdown_signal();
+    tokio::spawn(async move {
+        let _ = stop.changed().await;
+        let _ = tx.send(true);
+    });
+    rx
 }

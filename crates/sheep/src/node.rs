@@ -77,6 +77,7 @@ pub struct Node {
     pub driver: Arc<dyn ClusterDriver>,
     pub pool: Pool,
     pub gateway: Gateway,
+    pub exports: crate::export::OpenExports,
     store: RwLock<Option<Arc<ObjectStore>>>,
     /// Serialises opening the store (the follower and request handlers may race to it).
     store_opening: tokio::sync::Mutex<()>,
@@ -103,6 +104,7 @@ impl Node {
             driver,
             pool,
             gateway: Gateway::default(),
+            exports: Default::default(),
             store: RwLock::new(None),
             store_opening: tokio::sync::Mutex::new(()),
             cluster: shared,

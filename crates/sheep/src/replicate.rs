@@ -9,6 +9,7 @@ use futures::future::join_all;
 use proto::frame::{FLAG_DURABLE, FLAG_RECOVERY};
 use proto::{ErrorCode, Header, Oid, Opcode, PeerError};
 use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 /// Timeout of one object request to a replica.
 pub const OBJECT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,7 +59,7 @@ fn epoch_moved(e: &ClientError) -> bool {
 
 /// Applies a write to every live replica of `oid` at the current epoch. Succeeds when all
 /// applied it, or at least `min_copies` did and every one that did not is marked stale.
-/// `len` is the data length, or the punch length for `Punch`.
+/// Returns the nodes that applied it (for the flush that must later sync them).
 #[allow(clippy::too_many_arguments)]
 pub async fn replicate(
     node: &Node,
@@ -69,7 +70,7 @@ pub async fn replicate(
     copies: usize,
     min_copies: usize,
     durable: bool,
-) -> Result<(), PeerError> {
+) -> Result<Vec<Uuid>, PeerError> {
     replicate_len(node, kind, oid, offset, data, data.len() as u64, copies, min_copies, durable).await
 }
 
@@ -85,7 +86,7 @@ pub async fn replicate_len(
     copies: usize,
     min_copies: usize,
     durable: bool,
-) -> Result<(), PeerError> {
+) -> Result<Vec<Uuid>, PeerError> {
     let started = Instant::now();
     let mut last_err = None;
     for _ in 0..ATTEMPTS_MAX {
@@ -114,21 +115,24 @@ pub async fn replicate_len(
             tokio::time::sleep(RETRY_PAUSE).await;
             continue;
         }
-        let failed: Vec<(&NodeInfo, ClientError)> = targets
-            .iter()
-            .zip(results)
-            .filter_map(|(t, r)| r.err().map(|e| (t, e)))
-            .collect();
-        let applied = targets.len() - failed.len();
+        let mut failed: Vec<(&NodeInfo, ClientError)> = Vec::new();
+        let mut ok = Vec::new();
+        for (t, r) in targets.iter().zip(results) {
+            match r {
+                Ok(()) => ok.push(t.uuid),
+                Err(e) => failed.push((t, e)),
+            }
+        }
+        let applied = ok.len();
         if failed.is_empty() {
-            return Ok(());
+            return Ok(ok);
         }
         if applied >= min_copies {
             for (t, e) in &failed {
                 tracing::warn!(%oid, node = %t.uuid, error = %e, "replica missed a write; marking it stale");
                 mark_stale(node, t, oid, view.epoch()).await?;
             }
-            return Ok(());
+            return Ok(ok);
         }
         let any_unreachable = failed.iter().any(|(_, e)| e.is_unreachable());
         let (_, first) = &failed[0];

@@ -7,8 +7,11 @@ use crate::gateway::{self, open_vdi};
 use crate::node::Node;
 use crate::replicate::{replicate, WriteKind};
 use futures::future::join_all;
-use proto::inode::{vdi_size_max, VdiHeader, SECTOR_SIZE, VDI_NAME_MAX};
-use proto::msg::{self, MemberInfo, VdiCreateRequest, VdiInfo, VdiListReply, VdiNameRequest, VdiObjectReply, VdiObjectRequest, VdiResizeRequest};
+use proto::inode::{vdi_size_max, VdiHeader, CACHE_MODES, SECTOR_SIZE, VDI_NAME_MAX};
+use proto::msg::{
+    self, MemberInfo, VdiCreateRequest, VdiInfo, VdiListReply, VdiLockInfo, VdiLockListReply, VdiNameRequest, VdiObjectReply, VdiObjectRequest,
+    VdiResizeRequest, VdiSetRequest, VdiUnlockRequest,
+};
 use proto::{ErrorCode, Header, Oid, PeerError, Vid};
 
 fn now_unix() -> u64 {
@@ -91,6 +94,7 @@ pub async fn create(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
         parent_vid: 0,
         snap_unix: 0,
         tag: String::new(),
+        cache_mode: check_cache_mode(req.cache_mode.as_deref().unwrap_or(CACHE_MODES[0]))?,
     };
     let bytes = header.encode().map_err(|e| invalid(e.to_string()))?;
     let made = replicate(node, WriteKind::Create, Oid::inode(vid), 0, &bytes, copies as usize, min_copies as usize, true).await;
@@ -113,7 +117,82 @@ fn info_of(h: &VdiHeader, allocated: u64) -> VdiInfo {
         created_unix: h.created_unix,
         object_size: h.object_size,
         allocated_objects: allocated,
+        cache_mode: h.cache_mode.clone(),
     }
+}
+
+/// Validates a durability mode name.
+fn check_cache_mode(mode: &str) -> Result<String, PeerError> {
+    match mode {
+        "none" | "writethrough" => Ok(mode.to_string()),
+        "writeback" => Err(PeerError::new(
+            ErrorCode::Unsupported,
+            "cache mode 'writeback' needs the gateway object cache, which this version does not have yet",
+        )),
+        other => Err(invalid(format!("unknown cache mode '{other}': expected one of {}", CACHE_MODES.join(", ")))),
+    }
+}
+
+/// Rewrites a VDI's header block on its inode replicas (durably) and reloads it.
+async fn store_header(node: &Node, h: &VdiHeader) -> Result<(), PeerError> {
+    let bytes = h.encode().map_err(|e| invalid(e.to_string()))?;
+    replicate(node, WriteKind::Write, Oid::inode(h.vid), 0, &bytes, h.copies as usize, h.min_copies as usize, true).await?;
+    open_vdi(node, h.vid, true).await?;
+    Ok(())
+}
+
+pub async fn set(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
+    let req: VdiSetRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
+    formatted(node)?;
+    let vid = lookup(node, &req.name).await?;
+    let v = open_vdi(node, vid, true).await?;
+    let mut h = v.header();
+    match req.key.as_str() {
+        "cache" => h.cache_mode = check_cache_mode(&req.value)?,
+        other => return Err(invalid(format!("unknown VDI setting '{other}': expected 'cache'"))),
+    }
+    store_header(node, &h).await?;
+    Ok(Outcome::json(&info_of(&h, v.allocated())))
+}
+
+pub async fn lock_list(node: &Node) -> Result<Outcome, PeerError> {
+    formatted(node)?;
+    let locks = node.driver.lock_list().await.map_err(from_cluster)?;
+    let names = node.driver.vdi_list().await.map_err(from_cluster)?;
+    let view = node.view();
+    let locks = locks
+        .into_iter()
+        .map(|l| VdiLockInfo {
+            name: names.iter().find(|e| e.vid == l.vid).map(|e| e.name.clone()).unwrap_or_default(),
+            vid: l.vid,
+            holder: l.holder,
+            holder_addr: view.member(l.holder).map(|m| m.addr.clone()),
+            generation: l.generation,
+        })
+        .collect();
+    Ok(Outcome::json(&VdiLockListReply { locks }))
+}
+
+pub async fn unlock(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
+    let req: VdiUnlockRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
+    formatted(node)?;
+    let vid = lookup(node, &req.name).await?;
+    let Some(lock) = node.driver.lock_get(vid).await.map_err(from_cluster)? else {
+        return Err(invalid(format!("VDI '{}' is not locked", req.name)));
+    };
+    let holder_alive = node.view().member(lock.holder).is_some();
+    if holder_alive && !req.force {
+        return Err(PeerError::new(
+            ErrorCode::Locked,
+            format!(
+                "VDI '{}' is locked by live node {} (generation {}); use --force to break it (the holder's unflushed writes will be refused)",
+                req.name, lock.holder, lock.generation
+            ),
+        ));
+    }
+    node.driver.lock_break(vid).await.map_err(from_cluster)?;
+    tracing::warn!(name = %req.name, holder = %lock.holder, generation = lock.generation, "VDI lock broken by admin");
+    Ok(Outcome::default())
 }
 
 pub async fn info(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
@@ -175,9 +254,7 @@ pub async fn resize(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
         return Err(invalid(format!("cannot shrink '{}' from {} to {} bytes", h.name, h.size, req.size)));
     }
     h.size = req.size;
-    let bytes = h.encode().map_err(|e| invalid(e.to_string()))?;
-    replicate(node, WriteKind::Write, Oid::inode(vid), 0, &bytes, h.copies as usize, h.min_copies as usize, true).await?;
-    open_vdi(node, vid, true).await?;
+    store_header(node, &h).await?;
     Ok(Outcome::json(&info_of(&h, v.allocated())))
 }
 

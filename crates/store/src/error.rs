@@ -86,7 +86,10 @@ impl StoreError {
     /// True when this node's copy of the object is damaged (checksum or format): read
     /// another replica and repair this one.
     pub fn is_corruption(&self) -> bool {
-        matches!(self, StoreError::Checksum { .. } | StoreError::Corrupt { .. })
+        matches!(
+            self,
+            StoreError::Checksum { .. } | StoreError::Corrupt { .. }
+        )
     }
 
     /// Maps an I/O error, turning ENOSPC/EDQUOT into [`StoreError::NoSpace`].

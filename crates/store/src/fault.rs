@@ -14,6 +14,11 @@
 //!
 //! [`FaultLog::power_cut`] applies what is left, newest first, which restores exactly the
 //! durable state.
+//!
+//! One simplification: a created file's initial contents (written to the temp file
+//! before the rename) count as durable as soon as its directory entry is, even without
+//! an fdatasync. A real disk might instead lose or tear them; the store's crcs would
+//! then report the damage. Changes made after the creation are tracked exactly.
 
 use proto::Oid;
 use std::collections::HashMap;
@@ -75,7 +80,10 @@ impl FaultLog {
     pub fn file_synced(&self, oid: Oid) {
         self.with(|objects| {
             if let Some(log) = objects.get_mut(&oid) {
-                let keep = log.iter().rposition(Undo::is_dir_change).map_or(0, |i| i + 1);
+                let keep = log
+                    .iter()
+                    .rposition(Undo::is_dir_change)
+                    .map_or(0, |i| i + 1);
                 log.truncate(keep);
                 if log.is_empty() {
                     objects.remove(&oid);
@@ -171,7 +179,11 @@ mod tests {
         log.record_created(oid(1));
         log.record_restore(oid(1), 0, vec![1]);
         log.file_synced(oid(1));
-        assert_eq!(log.pending(), 1, "the creation is not durable without a dir fsync");
+        assert_eq!(
+            log.pending(),
+            1,
+            "the creation is not durable without a dir fsync"
+        );
         log.dir_synced();
         assert_eq!(log.pending(), 0);
     }

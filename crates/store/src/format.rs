@@ -100,7 +100,9 @@ impl Header {
         let stored_crc = u32_at(bytes, HEADER_CRC_AT);
         let crc = crc32c::crc32c(&bytes[..HEADER_CRC_AT]);
         if stored_crc != crc {
-            return Err(format!("header crc {stored_crc:#010x}, computed {crc:#010x}"));
+            return Err(format!(
+                "header crc {stored_crc:#010x}, computed {crc:#010x}"
+            ));
         }
         let block_size = u32_at(bytes, 12);
         if u64::from(block_size) != BLOCK_SIZE {
@@ -148,7 +150,10 @@ pub(crate) fn encode_tags(tags: &[u32]) -> Vec<u8> {
 
 /// Decodes crc table entries read with one `pread`.
 pub(crate) fn decode_tags(bytes: &[u8]) -> Vec<u32> {
-    bytes.chunks_exact(TAG_SIZE as usize).map(|raw| u32_at(raw, 0)).collect()
+    bytes
+        .chunks_exact(TAG_SIZE as usize)
+        .map(|raw| u32_at(raw, 0))
+        .collect()
 }
 
 #[cfg(test)]
@@ -164,7 +169,10 @@ mod tests {
         let inode = Layout::new(proto::oid::INODE_OBJECT_SIZE);
         assert_eq!((inode.blocks, inode.data_offset()), (1025, 12288));
         let tiny = Layout::new(100);
-        assert_eq!((tiny.blocks, tiny.data_offset(), tiny.file_len()), (1, 8192, 12288));
+        assert_eq!(
+            (tiny.blocks, tiny.data_offset(), tiny.file_len()),
+            (1, 8192, 12288)
+        );
     }
 
     #[test]

@@ -100,15 +100,20 @@ pub fn load(dir: &Path) -> Result<Option<StoreIdentity>, StoreError> {
         Err(err) => return Err(StoreError::io("open identity", None, err)),
     };
     let Some(bytes) = bytes else {
-        return Err(corrupt(format!("larger than {IDENTITY_FILE_BYTES_MAX} bytes")));
+        return Err(corrupt(format!(
+            "larger than {IDENTITY_FILE_BYTES_MAX} bytes"
+        )));
     };
-    let file: IdentityFile =
-        serde_json::from_slice(&bytes).map_err(|err| corrupt(format!("not an identity file: {err}")))?;
+    let file: IdentityFile = serde_json::from_slice(&bytes)
+        .map_err(|err| corrupt(format!("not an identity file: {err}")))?;
     if file.magic != IDENTITY_MAGIC {
         return Err(corrupt(format!("bad magic {:?}", file.magic)));
     }
     if file.version != IDENTITY_VERSION {
-        return Err(corrupt(format!("unsupported identity version {}", file.version)));
+        return Err(corrupt(format!(
+            "unsupported identity version {}",
+            file.version
+        )));
     }
     Ok(Some(StoreIdentity {
         node_uuid: file.node_uuid,
@@ -120,7 +125,8 @@ pub fn load(dir: &Path) -> Result<Option<StoreIdentity>, StoreError> {
 fn read_bounded(file: fs::File) -> io::Result<Option<Vec<u8>>> {
     use std::io::Read;
     let mut bytes = Vec::new();
-    file.take(IDENTITY_FILE_BYTES_MAX + 1).read_to_end(&mut bytes)?;
+    file.take(IDENTITY_FILE_BYTES_MAX + 1)
+        .read_to_end(&mut bytes)?;
     Ok((bytes.len() as u64 <= IDENTITY_FILE_BYTES_MAX).then_some(bytes))
 }
 
@@ -138,7 +144,11 @@ fn store(dir: &Path, identity: &StoreIdentity) -> Result<(), StoreError> {
     bytes.push(b'\n');
     let temp = TempFile(dir.join(IDENTITY_TEMP));
     let write_temp = || -> io::Result<()> {
-        let mut out = OpenOptions::new().write(true).create(true).truncate(true).open(&temp.0)?;
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temp.0)?;
         out.write_all(&bytes)?;
         out.sync_all()
     };
@@ -184,12 +194,17 @@ mod tests {
         assert_eq!(identity.cluster, Some(stamp(1)));
         assert_eq!(set_cluster(dir.path(), stamp(1)).unwrap(), identity);
         let err = set_cluster(dir.path(), stamp(2)).unwrap_err();
-        assert!(matches!(err, StoreError::IdentityMismatch { recorded, .. } if recorded == stamp(1)));
+        assert!(
+            matches!(err, StoreError::IdentityMismatch { recorded, .. } if recorded == stamp(1))
+        );
         let other = ClusterStamp {
             cluster_uuid: Uuid::from_u128(7),
             format_generation: 1,
         };
-        assert!(matches!(set_cluster(dir.path(), other), Err(StoreError::IdentityMismatch { .. })));
+        assert!(matches!(
+            set_cluster(dir.path(), other),
+            Err(StoreError::IdentityMismatch { .. })
+        ));
         assert_eq!(load(dir.path()).unwrap(), Some(identity));
     }
 

@@ -45,6 +45,8 @@
 //! [`StoreError::Corrupt`]; a block whose crc does not match gives
 //! [`StoreError::Checksum`]. Neither ever panics.
 
+mod dirs;
+mod durability;
 pub mod error;
 mod fault;
 mod format;

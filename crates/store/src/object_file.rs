@@ -5,7 +5,9 @@
 
 use crate::error::StoreError;
 use crate::fault::FaultLog;
-use crate::format::{block_tag, decode_tags, encode_tags, Header, Layout, BLOCK_SIZE, HEADER_USED, TAG_SIZE};
+use crate::format::{
+    block_tag, decode_tags, encode_tags, Header, Layout, BLOCK_SIZE, HEADER_USED, TAG_SIZE,
+};
 use crate::{sys, Stamp};
 use proto::Oid;
 use std::fs::{File, OpenOptions};
@@ -33,8 +35,17 @@ pub(crate) struct ObjectFile {
 impl ObjectFile {
     /// Creates a new object file at `path` (which must not exist): header, full sparse
     /// length, all blocks zero.
-    pub fn create_new(path: &Path, oid: Oid, capacity: u64, stamp: Stamp) -> io::Result<ObjectFile> {
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+    pub fn create_new(
+        path: &Path,
+        oid: Oid,
+        capacity: u64,
+        stamp: Stamp,
+    ) -> io::Result<ObjectFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
         let layout = Layout::new(capacity);
         file.set_len(layout.file_len())?;
         let header = Header {
@@ -65,21 +76,32 @@ impl ObjectFile {
         };
         let len = file.metadata().map_err(StoreError::on("fstat", oid))?.len();
         if len < HEADER_USED as u64 {
-            return Err(corrupt(format!("file is {len} bytes, shorter than a header")));
+            return Err(corrupt(format!(
+                "file is {len} bytes, shorter than a header"
+            )));
         }
         let mut raw = [0u8; HEADER_USED];
-        file.read_exact_at(&mut raw, 0).map_err(StoreError::on("pread", oid))?;
+        file.read_exact_at(&mut raw, 0)
+            .map_err(StoreError::on("pread", oid))?;
         let header = Header::decode(&raw).map_err(corrupt)?;
         if header.oid_raw != oid.raw() {
-            return Err(corrupt(format!("header names object {:016x}", header.oid_raw)));
+            return Err(corrupt(format!(
+                "header names object {:016x}",
+                header.oid_raw
+            )));
         }
         if header.capacity != capacity {
             let found = header.capacity;
-            return Err(corrupt(format!("capacity {found}, expected {capacity} (object size changed?)")));
+            return Err(corrupt(format!(
+                "capacity {found}, expected {capacity} (object size changed?)"
+            )));
         }
         let layout = Layout::new(capacity);
         if len != layout.file_len() {
-            return Err(corrupt(format!("file is {len} bytes, expected {}", layout.file_len())));
+            return Err(corrupt(format!(
+                "file is {len} bytes, expected {}",
+                layout.file_len()
+            )));
         }
         Ok(Some(ObjectFile {
             file,
@@ -113,7 +135,10 @@ impl ObjectFile {
         for (i, (block, tag)) in span.chunks_exact(BLOCK).zip(&tags).enumerate() {
             if block_tag(block) != *tag {
                 let block = first + i as u64;
-                return Err(StoreError::Checksum { oid: self.oid, block });
+                return Err(StoreError::Checksum {
+                    oid: self.oid,
+                    block,
+                });
             }
         }
         let start = (offset - first * BLOCK_SIZE) as usize;
@@ -127,7 +152,12 @@ impl ObjectFile {
 
     /// Writes `data` at object offset `offset` and updates the crcs of the blocks touched.
     /// Only partial edge blocks are read (and checked) first.
-    pub fn write(&self, offset: u64, data: &[u8], undo: Option<&FaultLog>) -> Result<(), StoreError> {
+    pub fn write(
+        &self,
+        offset: u64,
+        data: &[u8],
+        undo: Option<&FaultLog>,
+    ) -> Result<(), StoreError> {
         let len = data.len() as u64;
         debug_assert!(offset + len <= self.layout.capacity);
         if len == 0 {
@@ -175,7 +205,11 @@ impl ObjectFile {
         if whole_end < end {
             self.write(whole_end, &vec![0u8; (end - whole_end) as usize], undo)?;
         }
-        self.punch_blocks(whole_start / BLOCK_SIZE, (whole_end - whole_start) / BLOCK_SIZE, undo)
+        self.punch_blocks(
+            whole_start / BLOCK_SIZE,
+            (whole_end - whole_start) / BLOCK_SIZE,
+            undo,
+        )
     }
 
     /// Raises the header's stamp to `max(stored, stamp)`; never lowers it.
@@ -196,10 +230,17 @@ impl ObjectFile {
 
     /// `fdatasync`: the file's data, crcs and header are durable when this returns.
     pub fn sync_data(&self) -> Result<(), StoreError> {
-        self.file.sync_data().map_err(StoreError::on("fdatasync", self.oid))
+        self.file
+            .sync_data()
+            .map_err(StoreError::on("fdatasync", self.oid))
     }
 
-    fn punch_blocks(&self, first: u64, count: u64, undo: Option<&FaultLog>) -> Result<(), StoreError> {
+    fn punch_blocks(
+        &self,
+        first: u64,
+        count: u64,
+        undo: Option<&FaultLog>,
+    ) -> Result<(), StoreError> {
         let at = self.layout.data_at(first * BLOCK_SIZE);
         let len = count * BLOCK_SIZE;
         if let Some(log) = undo {
@@ -238,7 +279,10 @@ impl ObjectFile {
         self.pread(buf, self.layout.data_at(block * BLOCK_SIZE))?;
         let tag = self.read_tags(block, 1)?;
         if block_tag(buf) != tag[0] {
-            return Err(StoreError::Checksum { oid: self.oid, block });
+            return Err(StoreError::Checksum {
+                oid: self.oid,
+                block,
+            });
         }
         Ok(())
     }
@@ -263,7 +307,9 @@ impl ObjectFile {
             self.pread(&mut pre_image, at)?;
             log.record_restore(self.oid, at, pre_image);
         }
-        self.file.write_all_at(bytes, at).map_err(StoreError::on("pwrite", self.oid))
+        self.file
+            .write_all_at(bytes, at)
+            .map_err(StoreError::on("pwrite", self.oid))
     }
 }
 

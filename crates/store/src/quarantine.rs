@@ -54,13 +54,12 @@ impl Quarantine {
 
     /// A fresh marker path for `oid`.
     pub fn marker_path(&self, oid: Oid) -> PathBuf {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.dir.join(format!("{:016x}.{nanos}.{seq}{STALE_SUFFIX}", oid.raw()))
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir
+            .join(format!("{:016x}.{nanos}.{seq}{STALE_SUFFIX}", oid.raw()))
     }
 
     pub fn is_stale(&self, oid: Oid) -> bool {

@@ -1,20 +1,19 @@
 //! [`ObjectStore`]: the per-node store of object replicas, its locking, syncing and
 //! durability bookkeeping. The file format lives in `format.rs` and `object_file.rs`.
 
+use crate::dirs::{StoreDirs, TempPath};
+use crate::durability::Durability;
 use crate::error::StoreError;
-use crate::fault::FaultLog;
 use crate::handles::{HandleCache, LockStripes};
 use crate::object_file::ObjectFile;
 use crate::quarantine::Quarantine;
 use crate::{sys, Stamp, StoreConfig};
 use proto::Oid;
-use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLockWriteGuard};
+use std::sync::Arc;
 
 /// Most object files kept open at once.
 const OPEN_FILES_MAX: usize = 256;
@@ -48,7 +47,7 @@ const OPEN_FILES_MAX: usize = 256;
 ///   the changes concerned may be lost: mark those objects stale and recover them.
 ///   Retrying the sync until it "succeeds" hides the loss and is forbidden.
 /// - The stored [`Stamp`] only grows: a write sets it to `max(stored, stamp)`, so a late
-///   or replayed write never makes a copy look older (or newer) than its newest write.
+///   or replayed write never makes a copy look older than the newest write it applied.
 ///
 /// [`ObjectStore::sync_count`] counts one sync per `sync_all` call and one per durable
 /// `write`, `punch`, `create_and_write` or `remove` (the syncs a FLUSH is made of).
@@ -57,33 +56,16 @@ const OPEN_FILES_MAX: usize = 256;
 /// every change not yet made durable (as the real syncs would have) and
 /// [`ObjectStore::power_cut`] rolls it back.
 pub struct ObjectStore {
-    root: PathBuf,
-    objects: PathBuf,
-    tmp: PathBuf,
-    parked: PathBuf,
+    dirs: StoreDirs,
     object_size: u32,
     locks: LockStripes,
     handles: HandleCache,
     quarantine: Quarantine,
-    /// Objects changed without a sync since the last `sync_all`: named if it fails.
-    dirty: Mutex<HashSet<Oid>>,
-    /// Objects whose creation or removal is not yet durable (no directory fsync since).
-    dir_pending: Mutex<HashSet<Oid>>,
-    fault: Option<FaultLog>,
-    syncs: AtomicU64,
-    temp_seq: AtomicU64,
-    /// The open objects directory: fsync'ed for entries, and the fd `syncfs` uses.
-    objects_dir: File,
+    durability: Durability,
+    /// Makes temp and parked file names unique.
+    seq: AtomicU64,
     /// Holds the directory's flock for as long as the store is open.
     _lock_file: File,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn object_name(oid: Oid) -> String {
-    format!("{:016x}", oid.raw())
 }
 
 impl ObjectStore {
@@ -94,44 +76,24 @@ impl ObjectStore {
         if cfg.object_size == 0 {
             return Err(StoreError::InvalidConfig("object size is 0".into()));
         }
-        let root = cfg.dir;
-        let (objects, tmp) = (root.join("objects"), root.join("tmp"));
-        let (quarantine_dir, parked) = (root.join("quarantine"), root.join("fault-removed"));
-        for dir in [&root, &objects, &tmp, &quarantine_dir, &parked] {
-            fs::create_dir_all(dir).map_err(StoreError::at("create store directory"))?;
-        }
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(root.join("lock"))
-            .map_err(StoreError::at("open lock file"))?;
-        if !sys::try_lock_exclusive(&lock_file).map_err(StoreError::at("flock"))? {
-            return Err(StoreError::Busy { dir: root });
-        }
-        empty_dir(&tmp).map_err(StoreError::at("clean temp files"))?;
-        empty_dir(&parked).map_err(StoreError::at("clean parked files"))?;
+        let dirs = StoreDirs::create(cfg.dir)?;
+        let lock_file = dirs.lock()?;
+        dirs.clean_leftovers()?;
         if !cfg.fault_injection {
-            sys::fsync_dir(&root).map_err(StoreError::at("fsync store directory"))?;
+            sys::fsync_dir(&dirs.root).map_err(StoreError::at("fsync store directory"))?;
         }
-        let quarantine =
-            Quarantine::load(&quarantine_dir, &objects).map_err(StoreError::at("load quarantine"))?;
-        let objects_dir = File::open(&objects).map_err(StoreError::at("open objects directory"))?;
+        let quarantine = Quarantine::load(&dirs.quarantine, &dirs.objects)
+            .map_err(StoreError::at("load quarantine"))?;
+        let objects_dir =
+            File::open(&dirs.objects).map_err(StoreError::at("open objects directory"))?;
         Ok(ObjectStore {
-            root,
-            objects,
-            tmp,
-            parked,
+            dirs,
             object_size: cfg.object_size,
             locks: LockStripes::new(),
             handles: HandleCache::new(OPEN_FILES_MAX),
             quarantine,
-            dirty: Mutex::new(HashSet::new()),
-            dir_pending: Mutex::new(HashSet::new()),
-            fault: cfg.fault_injection.then(FaultLog::default),
-            syncs: AtomicU64::new(0),
-            temp_seq: AtomicU64::new(0),
-            objects_dir,
+            durability: Durability::new(objects_dir, cfg.fault_injection),
+            seq: AtomicU64::new(0),
             _lock_file: lock_file,
         })
     }
@@ -143,7 +105,7 @@ impl ObjectStore {
 
     /// The store's directory.
     pub fn dir(&self) -> &Path {
-        &self.root
+        &self.dirs.root
     }
 
     /// Reads `len` bytes at `offset`, checking the crc32c of every 4 KiB block touched.
@@ -159,13 +121,21 @@ impl ObjectStore {
     /// creates), updates the crcs of the blocks touched and raises the stored stamp to
     /// `max(stored, stamp)`. A partial edge block is read and checked first (`Checksum` if
     /// it was already bad). `durable`: see the type's doc.
-    pub fn write(&self, oid: Oid, offset: u64, data: &[u8], stamp: Stamp, durable: bool) -> Result<(), StoreError> {
+    pub fn write(
+        &self,
+        oid: Oid,
+        offset: u64,
+        data: &[u8],
+        stamp: Stamp,
+        durable: bool,
+    ) -> Result<(), StoreError> {
         self.check_range(oid, offset, data.len() as u64)?;
         let guard = self.locks.write(oid);
         let file = self.file(oid)?;
-        file.write(offset, data, self.fault.as_ref())?;
-        file.raise_stamp(stamp, self.fault.as_ref())?;
-        self.finish_change(guard, oid, &file, durable)
+        let undo = self.durability.undo_log();
+        file.write(offset, data, undo)?;
+        file.raise_stamp(stamp, undo)?;
+        self.durability.commit_change(guard, oid, &file, durable)
     }
 
     /// Creates `oid` with `data` at `offset` (zeros elsewhere) and the given stamp,
@@ -184,16 +154,14 @@ impl ObjectStore {
         if self.file_exists(oid)? {
             return Err(StoreError::Exists(oid));
         }
-        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{}.{}.{seq}.tmp", object_name(oid), std::process::id());
-        let temp = TempPath::new(self.tmp.join(name));
+        let temp = TempPath::new(self.dirs.temp_path(oid, self.next_seq()));
         let mut file = ObjectFile::create_new(&temp.path, oid, self.capacity(oid), stamp)
             .map_err(StoreError::on("create", oid))?;
         file.write(offset, data, None)?;
-        if durable && self.fault.is_none() {
+        if durable && self.durability.real_syncs() {
             file.sync_data()?;
         }
-        let path = self.path_of(oid);
+        let path = self.dirs.object_path(oid);
         sys::rename_noreplace(&temp.path, &path).map_err(|err| match err.kind() {
             io::ErrorKind::AlreadyExists => StoreError::Exists(oid),
             _ => StoreError::io("rename", Some(oid), err),
@@ -202,27 +170,26 @@ impl ObjectStore {
         file.set_path(path);
         self.quarantine.clear(oid);
         self.handles.insert(oid, Arc::new(file));
-        if durable {
-            self.syncs.fetch_add(1, Ordering::Relaxed);
-            return self.sync_objects_dir(Some(oid));
-        }
-        lock(&self.dir_pending).insert(oid);
-        lock(&self.dirty).insert(oid);
-        if let Some(log) = &self.fault {
-            log.record_created(oid);
-        }
-        Ok(())
+        self.durability.commit_create(oid, durable)
     }
 
     /// Makes `len` bytes at `offset` read as zeros (whole blocks are deallocated), updates
     /// the crcs and raises the stamp, as [`ObjectStore::write`] does.
-    pub fn punch(&self, oid: Oid, offset: u64, len: u64, stamp: Stamp, durable: bool) -> Result<(), StoreError> {
+    pub fn punch(
+        &self,
+        oid: Oid,
+        offset: u64,
+        len: u64,
+        stamp: Stamp,
+        durable: bool,
+    ) -> Result<(), StoreError> {
         self.check_range(oid, offset, len)?;
         let guard = self.locks.write(oid);
         let file = self.file(oid)?;
-        file.punch(offset, len, self.fault.as_ref())?;
-        file.raise_stamp(stamp, self.fault.as_ref())?;
-        self.finish_change(guard, oid, &file, durable)
+        let undo = self.durability.undo_log();
+        file.punch(offset, len, undo)?;
+        file.raise_stamp(stamp, undo)?;
+        self.durability.commit_change(guard, oid, &file, durable)
     }
 
     /// Deletes `oid`. Removing a stale object ends its stale state (its quarantined copy
@@ -236,23 +203,17 @@ impl ObjectStore {
             };
         }
         self.handles.remove(oid);
-        let path = self.path_of(oid);
-        match &self.fault {
-            Some(log) => {
-                let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-                let parked = self.parked.join(format!("{}.{seq}", object_name(oid)));
-                fs::rename(&path, &parked).map_err(StoreError::on("rename", oid))?;
-                log.record_removed(oid, parked);
-            }
-            None => fs::remove_file(&path).map_err(StoreError::on("unlink", oid))?,
-        }
-        lock(&self.dirty).remove(&oid);
-        if durable {
-            self.syncs.fetch_add(1, Ordering::Relaxed);
-            return self.sync_objects_dir(Some(oid));
-        }
-        lock(&self.dir_pending).insert(oid);
-        Ok(())
+        let path = self.dirs.object_path(oid);
+        let parked = if self.durability.real_syncs() {
+            fs::remove_file(&path).map_err(StoreError::on("unlink", oid))?;
+            None
+        } else {
+            // Parked, not unlinked, until the removal is durable: a power cut brings it back.
+            let parked = self.dirs.parked_path(oid, self.next_seq());
+            fs::rename(&path, &parked).map_err(StoreError::on("rename", oid))?;
+            Some(parked)
+        };
+        self.durability.commit_remove(oid, parked, durable)
     }
 
     /// The stamp of the newest write applied to `oid`.
@@ -271,16 +232,7 @@ impl ObjectStore {
     /// Every object with a file in the store, sorted. Stale objects are not listed (see
     /// [`ObjectStore::list_stale`]); files with foreign names are skipped.
     pub fn list(&self) -> Result<Vec<Oid>, StoreError> {
-        let mut oids = Vec::new();
-        for entry in fs::read_dir(&self.objects).map_err(StoreError::at("list objects"))? {
-            let entry = entry.map_err(StoreError::at("list objects"))?;
-            match parse_object_name(&entry.file_name()) {
-                Some(oid) => oids.push(oid),
-                None => tracing::warn!(name = ?entry.file_name(), "foreign file in objects directory"),
-            }
-        }
-        oids.sort();
-        Ok(oids)
+        self.dirs.list_objects()
     }
 
     /// Quarantines `oid`: its file (if any) is moved aside, never deleted, and the object
@@ -296,20 +248,15 @@ impl ObjectStore {
         self.handles.remove(oid);
         let marker = self.quarantine.marker_path(oid);
         if exists {
-            fs::rename(self.path_of(oid), &marker).map_err(StoreError::on("quarantine", oid))?;
+            fs::rename(self.dirs.object_path(oid), &marker)
+                .map_err(StoreError::on("quarantine", oid))?;
         } else {
             File::create_new(&marker).map_err(StoreError::on("create stale marker", oid))?;
         }
         self.quarantine.insert(oid, marker);
-        lock(&self.dirty).remove(&oid);
-        if self.fault.is_none() {
-            sys::fsync_dir(self.quarantine.dir()).map_err(StoreError::on("fsync quarantine", oid))?;
-        }
-        self.sync_objects_dir(Some(oid))?;
-        if let Some(log) = &self.fault {
-            log.forget(oid);
-        }
-        tracing::info!(%oid, "object marked stale and quarantined");
+        self.durability
+            .commit_quarantine(oid, &self.dirs.quarantine)?;
+        tracing::info!(%oid, had_file = exists, "object marked stale");
         Ok(())
     }
 
@@ -327,65 +274,42 @@ impl ObjectStore {
     /// failure, [`StoreError::SyncFailed`] names the objects changed since the previous
     /// `sync_all`: their data may be lost.
     pub fn sync_all(&self) -> Result<(), StoreError> {
-        self.syncs.fetch_add(1, Ordering::Relaxed);
-        let dirty = std::mem::take(&mut *lock(&self.dirty));
-        let dir_pending = std::mem::take(&mut *lock(&self.dir_pending));
-        if let Some(log) = &self.fault {
-            log.all_synced();
-            return Ok(());
-        }
-        sys::syncfs(&self.objects_dir).map_err(|source| {
-            let mut oids: Vec<Oid> = dirty.union(&dir_pending).copied().collect();
-            oids.sort();
-            StoreError::SyncFailed { oids, source }
-        })
+        self.durability.sync_all()
     }
 
     /// Number of syncs performed: one per `sync_all` and one per durable change.
     pub fn sync_count(&self) -> u64 {
-        self.syncs.load(Ordering::Relaxed)
+        self.durability.sync_count()
     }
 
     /// Fault-injection mode only (a logged no-op otherwise): simulates a power loss by
     /// dropping every write, punch, create and remove not yet made durable. Afterwards the
     /// store holds exactly its durable state. Waits for calls in progress.
     pub fn power_cut(&self) {
-        let Some(log) = &self.fault else {
-            tracing::warn!("power_cut ignored: fault injection is off");
-            return;
-        };
         let _all = self.locks.write_all();
         self.handles.clear();
-        if let Err(err) = log.power_cut(&self.objects) {
-            tracing::error!(error = %err, "power cut simulation incomplete");
+        if !self.durability.power_cut(&self.dirs.objects) {
+            tracing::warn!("power_cut ignored: fault injection is off");
         }
-        lock(&self.dirty).clear();
-        lock(&self.dir_pending).clear();
     }
 
     /// Fault-injection mode only: the number of changes a power cut would drop now (0 in
     /// normal mode). Lets tests check there is something to lose before cutting.
     pub fn unsynced_changes(&self) -> usize {
-        self.fault.as_ref().map_or(0, FaultLog::pending)
+        self.durability.unsynced_changes()
     }
 
     /// Approximate bytes allocated by object files (walks the objects directory).
     pub fn used_bytes(&self) -> u64 {
-        let Ok(entries) = fs::read_dir(&self.objects) else {
-            return 0;
-        };
-        entries
-            .filter_map(|entry| entry.ok()?.metadata().ok())
-            .map(|meta| meta.blocks() * 512)
-            .sum()
+        self.dirs.used_bytes()
     }
 
     fn capacity(&self, oid: Oid) -> u64 {
         oid.capacity(self.object_size)
     }
 
-    fn path_of(&self, oid: Oid) -> PathBuf {
-        self.objects.join(object_name(oid))
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
     fn check_range(&self, oid: Oid, offset: u64, len: u64) -> Result<(), StoreError> {
@@ -403,7 +327,7 @@ impl ObjectStore {
         if self.quarantine.is_stale(oid) {
             return Err(StoreError::Stale(oid));
         }
-        match ObjectFile::open(&self.path_of(oid), oid, self.capacity(oid))? {
+        match ObjectFile::open(&self.dirs.object_path(oid), oid, self.capacity(oid))? {
             Some(file) => {
                 let file = Arc::new(file);
                 self.handles.insert(oid, Arc::clone(&file));
@@ -418,99 +342,10 @@ impl ObjectStore {
         if self.handles.contains(oid) {
             return Ok(true);
         }
-        match fs::symlink_metadata(self.path_of(oid)) {
+        match fs::symlink_metadata(self.dirs.object_path(oid)) {
             Ok(_) => Ok(true),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(err) => Err(StoreError::io("stat", Some(oid), err)),
-        }
-    }
-
-    /// Completes a write or punch: records it as dirty, or makes it durable. The object
-    /// lock is released before a real `fdatasync` so readers are not held up by it.
-    fn finish_change(
-        &self,
-        guard: RwLockWriteGuard<'_, ()>,
-        oid: Oid,
-        file: &ObjectFile,
-        durable: bool,
-    ) -> Result<(), StoreError> {
-        if !durable {
-            lock(&self.dirty).insert(oid);
-            return Ok(());
-        }
-        self.syncs.fetch_add(1, Ordering::Relaxed);
-        let creation_pending = lock(&self.dir_pending).contains(&oid);
-        match &self.fault {
-            Some(log) => log.file_synced(oid),
-            None => {
-                drop(guard);
-                file.sync_data()?;
-            }
-        }
-        if creation_pending {
-            self.sync_objects_dir(Some(oid))?;
-        }
-        Ok(())
-    }
-
-    /// Makes every pending creation and removal durable (one fsync of `objects/`).
-    fn sync_objects_dir(&self, oid: Option<Oid>) -> Result<(), StoreError> {
-        let taken = std::mem::take(&mut *lock(&self.dir_pending));
-        if let Some(log) = &self.fault {
-            log.dir_synced();
-            return Ok(());
-        }
-        self.objects_dir.sync_all().map_err(|err| {
-            lock(&self.dir_pending).extend(taken);
-            StoreError::io("fsync objects directory", oid, err)
-        })
-    }
-}
-
-/// Parses an object file name (16 lowercase hex digits) into a valid oid.
-fn parse_object_name(name: &std::ffi::OsStr) -> Option<Oid> {
-    let name = name.to_str()?;
-    let valid = name.len() == 16 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    if !valid {
-        return None;
-    }
-    Oid::from_raw(u64::from_str_radix(name, 16).ok()?).ok()
-}
-
-/// Deletes everything in `dir` (leftovers of an earlier run).
-fn empty_dir(dir: &Path) -> io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
-        tracing::info!(path = %path.display(), "removing leftover file");
-        if path.is_dir() {
-            fs::remove_dir_all(&path)?;
-        } else {
-            fs::remove_file(&path)?;
-        }
-    }
-    Ok(())
-}
-
-/// A temp file deleted on drop unless disarmed (an early return never leaves one).
-struct TempPath {
-    path: PathBuf,
-    armed: bool,
-}
-
-impl TempPath {
-    fn new(path: PathBuf) -> TempPath {
-        TempPath { path, armed: true }
-    }
-
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = fs::remove_file(&self.path);
         }
     }
 }
@@ -523,14 +358,5 @@ mod tests {
     fn store_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<ObjectStore>();
-    }
-
-    #[test]
-    fn object_names_round_trip() {
-        let oid = Oid::inode(0xabcdef);
-        assert_eq!(parse_object_name(object_name(oid).as_ref()), Some(oid));
-        assert_eq!(parse_object_name("0000000100000002.tmp".as_ref()), None);
-        assert_eq!(parse_object_name("00000001000000AB".as_ref()), None);
-        assert_eq!(parse_object_name("0000000000000005".as_ref()), None, "vid 0 is invalid");
     }
 }

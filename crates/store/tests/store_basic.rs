@@ -14,9 +14,14 @@ fn unwritten_range_reads_as_zeros() {
     // A fresh object is sparse: everything outside the created range is zero.
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
-    store.create_and_write(oid(1), 5000, &pattern(10, 1), stamp(1), false).unwrap();
+    store
+        .create_and_write(oid(1), 5000, &pattern(10, 1), stamp(1), false)
+        .unwrap();
     assert_eq!(store.read(oid(1), 0, 5000).unwrap(), vec![0u8; 5000]);
-    assert_eq!(store.read(oid(1), 20_000, 30_000).unwrap(), vec![0u8; 30_000]);
+    assert_eq!(
+        store.read(oid(1), 20_000, 30_000).unwrap(),
+        vec![0u8; 30_000]
+    );
     assert_eq!(store.read(oid(1), 5000, 10).unwrap(), pattern(10, 1));
     assert_eq!(store.read(oid(1), 7, 0).unwrap(), Vec::<u8>::new());
 }
@@ -27,11 +32,21 @@ fn partial_block_writes_at_odd_offsets_keep_neighbours() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
     let full = pattern(SMALL_OBJECT as usize, 3);
-    store.create_and_write(oid(1), 0, &full, stamp(1), false).unwrap();
+    store
+        .create_and_write(oid(1), 0, &full, stamp(1), false)
+        .unwrap();
     let mut model = full.clone();
-    for (offset, len) in [(1usize, 1usize), (4095, 2), (4097, 8190), (12_345, 20_000), (65_535, 1)] {
+    for (offset, len) in [
+        (1usize, 1usize),
+        (4095, 2),
+        (4097, 8190),
+        (12_345, 20_000),
+        (65_535, 1),
+    ] {
         let data = pattern(len, offset as u8);
-        store.write(oid(1), offset as u64, &data, stamp(2), false).unwrap();
+        store
+            .write(oid(1), offset as u64, &data, stamp(2), false)
+            .unwrap();
         model[offset..offset + len].copy_from_slice(&data);
     }
     assert_eq!(store.read(oid(1), 0, SMALL_OBJECT).unwrap(), model);
@@ -42,19 +57,34 @@ fn partial_block_writes_at_odd_offsets_keep_neighbours() {
 fn create_twice_gives_exists() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
-    store.create_and_write(oid(1), 0, b"first", stamp(1), true).unwrap();
-    let err = store.create_and_write(oid(1), 0, b"second", stamp(2), true).unwrap_err();
-    assert!(matches!(err, StoreError::Exists(o) if o == oid(1)), "{err:?}");
+    store
+        .create_and_write(oid(1), 0, b"first", stamp(1), true)
+        .unwrap();
+    let err = store
+        .create_and_write(oid(1), 0, b"second", stamp(2), true)
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Exists(o) if o == oid(1)),
+        "{err:?}"
+    );
     assert_eq!(store.read(oid(1), 0, 5).unwrap(), b"first");
     assert_eq!(store.stamp(oid(1)).unwrap(), stamp(1));
-    assert!(fs::read_dir(dir.path().join("tmp")).unwrap().next().is_none(), "temp file left");
+    assert!(
+        fs::read_dir(dir.path().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "temp file left"
+    );
 }
 
 #[test]
 fn absent_object_is_not_found_and_never_created_by_write() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
-    let not_found = |r: Result<_, StoreError>| matches!(r, Err(StoreError::NotFound(o)) if o == oid(9));
+    fn not_found<T>(r: Result<T, StoreError>) -> bool {
+        matches!(r, Err(StoreError::NotFound(o)) if o == oid(9))
+    }
     assert!(not_found(store.write(oid(9), 0, b"x", stamp(1), true)));
     assert!(not_found(store.punch(oid(9), 0, 10, stamp(1), true)));
     assert!(not_found(store.read(oid(9), 0, 1)));
@@ -70,9 +100,19 @@ fn ranges_past_capacity_are_out_of_range() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
     let cap = u64::from(SMALL_OBJECT);
-    let out = |r: Result<_, StoreError>| matches!(r, Err(StoreError::OutOfRange { .. }));
-    assert!(out(store.create_and_write(oid(1), cap - 1, b"ab", stamp(1), false)));
-    store.create_and_write(oid(1), cap - 2, b"ab", stamp(1), false).unwrap();
+    fn out<T>(r: Result<T, StoreError>) -> bool {
+        matches!(r, Err(StoreError::OutOfRange { .. }))
+    }
+    assert!(out(store.create_and_write(
+        oid(1),
+        cap - 1,
+        b"ab",
+        stamp(1),
+        false
+    )));
+    store
+        .create_and_write(oid(1), cap - 2, b"ab", stamp(1), false)
+        .unwrap();
     assert!(out(store.read(oid(1), cap, 1)));
     assert!(out(store.read(oid(1), u64::MAX, 2)));
     assert!(out(store.write(oid(1), cap - 1, b"ab", stamp(2), false)));
@@ -81,7 +121,9 @@ fn ranges_past_capacity_are_out_of_range() {
 
     let inode = Oid::inode(7);
     let inode_cap = proto::oid::INODE_OBJECT_SIZE;
-    store.create_and_write(inode, inode_cap - 4, &[1, 2, 3, 4], stamp(1), false).unwrap();
+    store
+        .create_and_write(inode, inode_cap - 4, &[1, 2, 3, 4], stamp(1), false)
+        .unwrap();
     assert_eq!(store.read(inode, inode_cap - 4, 4).unwrap(), [1, 2, 3, 4]);
     assert!(out(store.read(inode, inode_cap - 4, 5)));
 }
@@ -91,14 +133,21 @@ fn punch_reads_zeros_and_keeps_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
     let full = pattern(SMALL_OBJECT as usize, 5);
-    store.create_and_write(oid(1), 0, &full, stamp(1), true).unwrap();
+    store
+        .create_and_write(oid(1), 0, &full, stamp(1), true)
+        .unwrap();
     store.punch(oid(1), 100, 30_000, stamp(2), true).unwrap();
     let got = store.read(oid(1), 0, SMALL_OBJECT).unwrap();
     assert_eq!(got[..100], full[..100]);
     assert!(got[100..30_100].iter().all(|b| *b == 0));
     assert_eq!(got[30_100..], full[30_100..]);
-    store.punch(oid(1), 0, u64::from(SMALL_OBJECT), stamp(3), true).unwrap();
-    assert_eq!(store.read(oid(1), 0, SMALL_OBJECT).unwrap(), vec![0u8; SMALL_OBJECT as usize]);
+    store
+        .punch(oid(1), 0, u64::from(SMALL_OBJECT), stamp(3), true)
+        .unwrap();
+    assert_eq!(
+        store.read(oid(1), 0, SMALL_OBJECT).unwrap(),
+        vec![0u8; SMALL_OBJECT as usize]
+    );
     assert_eq!(store.stamp(oid(1)).unwrap(), stamp(3));
 }
 
@@ -107,8 +156,12 @@ fn stamp_is_the_maximum_of_writes() {
     // A late write with an older stamp does not lower the stored stamp.
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
-    store.create_and_write(oid(1), 0, b"a", Stamp::new(2, 5), false).unwrap();
-    store.write(oid(1), 0, b"b", Stamp::new(3, 4), false).unwrap();
+    store
+        .create_and_write(oid(1), 0, b"a", Stamp::new(2, 5), false)
+        .unwrap();
+    store
+        .write(oid(1), 0, b"b", Stamp::new(3, 4), false)
+        .unwrap();
     assert_eq!(store.stamp(oid(1)).unwrap(), Stamp::new(2, 5));
     store.punch(oid(1), 0, 1, Stamp::new(1, 9), false).unwrap();
     assert_eq!(store.stamp(oid(1)).unwrap(), Stamp::new(1, 9));
@@ -122,16 +175,28 @@ fn remove_list_and_contains() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
     for index in [3, 1, 2] {
-        store.create_and_write(oid(index), 0, b"x", stamp(1), false).unwrap();
+        store
+            .create_and_write(oid(index), 0, b"x", stamp(1), false)
+            .unwrap();
     }
-    store.create_and_write(Oid::inode(7), 0, b"i", stamp(1), false).unwrap();
+    store
+        .create_and_write(Oid::inode(7), 0, b"i", stamp(1), false)
+        .unwrap();
     fs::write(dir.path().join("objects").join("not-an-object"), b"").unwrap();
-    assert_eq!(store.list().unwrap(), vec![oid(1), oid(2), oid(3), Oid::inode(7)]);
+    assert_eq!(
+        store.list().unwrap(),
+        vec![oid(1), oid(2), oid(3), Oid::inode(7)]
+    );
     store.remove(oid(2), true).unwrap();
     assert!(!store.contains(oid(2)) && store.contains(oid(1)));
-    assert!(matches!(store.read(oid(2), 0, 1), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        store.read(oid(2), 0, 1),
+        Err(StoreError::NotFound(_))
+    ));
     assert_eq!(store.list().unwrap(), vec![oid(1), oid(3), Oid::inode(7)]);
-    store.create_and_write(oid(2), 0, b"again", stamp(5), false).unwrap();
+    store
+        .create_and_write(oid(2), 0, b"again", stamp(5), false)
+        .unwrap();
     assert_eq!(store.read(oid(2), 0, 5).unwrap(), b"again");
     assert!(store.used_bytes() > 0);
 }
@@ -141,26 +206,46 @@ fn mark_stale_quarantines_until_recreated() {
     // A stale copy is moved aside (kept), reads say Stale, and recovery recreates it.
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
-    store.create_and_write(oid(1), 0, b"old", stamp(1), true).unwrap();
+    store
+        .create_and_write(oid(1), 0, b"old", stamp(1), true)
+        .unwrap();
     store.mark_stale(oid(1)).unwrap();
     store.mark_stale(oid(1)).unwrap();
-    assert!(matches!(store.read(oid(1), 0, 3), Err(StoreError::Stale(_))));
-    assert!(matches!(store.write(oid(1), 0, b"x", stamp(2), false), Err(StoreError::Stale(_))));
+    assert!(matches!(
+        store.read(oid(1), 0, 3),
+        Err(StoreError::Stale(_))
+    ));
+    assert!(matches!(
+        store.write(oid(1), 0, b"x", stamp(2), false),
+        Err(StoreError::Stale(_))
+    ));
     assert!(!store.contains(oid(1)));
     assert!(store.list().unwrap().is_empty());
     assert_eq!(store.list_stale(), vec![oid(1)]);
-    assert_eq!(fs::read_dir(dir.path().join("quarantine")).unwrap().count(), 1);
+    assert_eq!(
+        fs::read_dir(dir.path().join("quarantine")).unwrap().count(),
+        1
+    );
 
     drop(store);
     let store = open(dir.path(), SMALL_OBJECT, false);
-    assert!(store.is_stale(oid(1)), "stale marker must survive a restart");
-    store.create_and_write(oid(1), 0, b"new", stamp(3), true).unwrap();
+    assert!(
+        store.is_stale(oid(1)),
+        "stale marker must survive a restart"
+    );
+    store
+        .create_and_write(oid(1), 0, b"new", stamp(3), true)
+        .unwrap();
     assert!(!store.is_stale(oid(1)));
     assert_eq!(store.read(oid(1), 0, 3).unwrap(), b"new");
     drop(store);
     let store = open(dir.path(), SMALL_OBJECT, false);
     assert_eq!(store.read(oid(1), 0, 3).unwrap(), b"new");
-    assert_eq!(fs::read_dir(dir.path().join("quarantine")).unwrap().count(), 1, "old copy kept");
+    assert_eq!(
+        fs::read_dir(dir.path().join("quarantine")).unwrap().count(),
+        1,
+        "old copy kept"
+    );
 }
 
 #[test]
@@ -168,9 +253,15 @@ fn mark_stale_of_absent_object_records_a_marker_removed_by_remove() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
     store.mark_stale(oid(4)).unwrap();
-    assert!(matches!(store.read(oid(4), 0, 1), Err(StoreError::Stale(_))));
+    assert!(matches!(
+        store.read(oid(4), 0, 1),
+        Err(StoreError::Stale(_))
+    ));
     store.remove(oid(4), true).unwrap();
-    assert!(matches!(store.read(oid(4), 0, 1), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        store.read(oid(4), 0, 1),
+        Err(StoreError::NotFound(_))
+    ));
     drop(store);
     let store = open(dir.path(), SMALL_OBJECT, false);
     assert!(store.list_stale().is_empty());
@@ -180,7 +271,9 @@ fn mark_stale_of_absent_object_records_a_marker_removed_by_remove() {
 fn reopen_keeps_data_and_cleans_temp_files() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
-    store.create_and_write(oid(1), 100, &pattern(9000, 2), stamp(1), true).unwrap();
+    store
+        .create_and_write(oid(1), 100, &pattern(9000, 2), stamp(1), true)
+        .unwrap();
     drop(store);
     let leftover = dir.path().join("tmp").join("0000000700000001.1.1.tmp");
     fs::write(&leftover, b"half-created").unwrap();
@@ -210,7 +303,9 @@ fn concurrent_writes_to_one_object_keep_crcs_consistent() {
     let dir = tempfile::tempdir().unwrap();
     let object_size = 1 << 20;
     let store = Arc::new(open(dir.path(), object_size, false));
-    store.create_and_write(oid(1), 0, &[], stamp(0), false).unwrap();
+    store
+        .create_and_write(oid(1), 0, &[], stamp(0), false)
+        .unwrap();
     let threads = 4u64;
     let blocks = u64::from(object_size) / 4096;
     let writers: Vec<_> = (0..threads)
@@ -220,8 +315,18 @@ fn concurrent_writes_to_one_object_keep_crcs_consistent() {
                 for block in (t..blocks).step_by(threads as usize) {
                     let fill = vec![block as u8 | 1; 4096];
                     // Two halves at odd offsets: both are read-modify-writes.
-                    store.write(oid(1), block * 4096, &fill[..1001], stamp(block), false).unwrap();
-                    store.write(oid(1), block * 4096 + 1001, &fill[1001..], stamp(block), block % 2 == 0).unwrap();
+                    store
+                        .write(oid(1), block * 4096, &fill[..1001], stamp(block), false)
+                        .unwrap();
+                    store
+                        .write(
+                            oid(1),
+                            block * 4096 + 1001,
+                            &fill[1001..],
+                            stamp(block),
+                            block % 2 == 0,
+                        )
+                        .unwrap();
                 }
             })
         })
@@ -230,7 +335,13 @@ fn concurrent_writes_to_one_object_keep_crcs_consistent() {
         let store = Arc::clone(&store);
         std::thread::spawn(move || {
             for i in 0..200u64 {
-                store.read(oid(1), (i * 7919) % (u64::from(object_size) - 10_000), 10_000).unwrap();
+                store
+                    .read(
+                        oid(1),
+                        (i * 7919) % (u64::from(object_size) - 10_000),
+                        10_000,
+                    )
+                    .unwrap();
             }
         })
     };
@@ -257,7 +368,9 @@ fn concurrent_creates_of_one_object_let_exactly_one_win() {
         .map(|h| h.join().unwrap())
         .collect();
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
-    assert!(results.iter().all(|r| matches!(r, Ok(()) | Err(StoreError::Exists(_)))));
+    assert!(results
+        .iter()
+        .all(|r| matches!(r, Ok(()) | Err(StoreError::Exists(_)))));
 }
 
 #[test]
@@ -265,11 +378,15 @@ fn durable_calls_are_counted_as_syncs() {
     // sync_count: one per sync_all and one per durable change; none for the rest.
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
-    store.create_and_write(oid(1), 0, b"a", stamp(1), false).unwrap();
+    store
+        .create_and_write(oid(1), 0, b"a", stamp(1), false)
+        .unwrap();
     store.write(oid(1), 0, b"b", stamp(2), false).unwrap();
     assert_eq!(store.sync_count(), 0);
     store.write(oid(1), 0, b"c", stamp(3), true).unwrap();
-    store.create_and_write(oid(2), 0, b"d", stamp(1), true).unwrap();
+    store
+        .create_and_write(oid(2), 0, b"d", stamp(1), true)
+        .unwrap();
     store.punch(oid(2), 0, 1, stamp(2), true).unwrap();
     store.remove(oid(2), true).unwrap();
     assert_eq!(store.sync_count(), 4);

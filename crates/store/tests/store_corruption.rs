@@ -10,7 +10,11 @@ use std::path::Path;
 use store::StoreError;
 
 fn flip_byte(path: &Path, at: u64) {
-    let file = OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut byte = [0u8];
     file.read_exact_at(&mut byte, at).unwrap();
     file.write_all_at(&[byte[0] ^ 0x04], at).unwrap();
@@ -21,21 +25,36 @@ fn flipped_bit_in_data_fails_the_checksum_of_its_block() {
     // Flip one bit of block 3 on disk (behind the store's back, handle still cached).
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), 4 << 20, false);
-    store.create_and_write(oid(1), 0, &pattern(64 << 10, 9), stamp(1), true).unwrap();
+    store
+        .create_and_write(oid(1), 0, &pattern(64 << 10, 9), stamp(1), true)
+        .unwrap();
     assert!(store.read(oid(1), 0, 64 << 10).is_ok());
-    flip_byte(&object_path(dir.path(), oid(1)), DATA_OFFSET + 3 * 4096 + 17);
+    flip_byte(
+        &object_path(dir.path(), oid(1)),
+        DATA_OFFSET + 3 * 4096 + 17,
+    );
 
     let err = store.read(oid(1), 0, 64 << 10).unwrap_err();
-    assert!(matches!(err, StoreError::Checksum { block: 3, .. }), "{err:?}");
+    assert!(
+        matches!(err, StoreError::Checksum { block: 3, .. }),
+        "{err:?}"
+    );
     assert!(err.is_corruption());
-    assert!(store.read(oid(1), 4 * 4096, 4096).is_ok(), "other blocks still read");
+    assert!(
+        store.read(oid(1), 4 * 4096, 4096).is_ok(),
+        "other blocks still read"
+    );
     let err = store.read(oid(1), 3 * 4096 + 100, 1).unwrap_err();
     assert!(matches!(err, StoreError::Checksum { block: 3, .. }));
     // A partial write must not launder the bad block under a new crc.
-    let err = store.write(oid(1), 3 * 4096 + 5, b"x", stamp(2), false).unwrap_err();
+    let err = store
+        .write(oid(1), 3 * 4096 + 5, b"x", stamp(2), false)
+        .unwrap_err();
     assert!(matches!(err, StoreError::Checksum { block: 3, .. }));
     // A whole-block write replaces it.
-    store.write(oid(1), 3 * 4096, &[1u8; 4096], stamp(2), false).unwrap();
+    store
+        .write(oid(1), 3 * 4096, &[1u8; 4096], stamp(2), false)
+        .unwrap();
     assert_eq!(store.read(oid(1), 3 * 4096, 4096).unwrap(), vec![1u8; 4096]);
 }
 
@@ -44,18 +63,28 @@ fn flipped_bit_in_a_never_written_block_is_detected() {
     // Holes have crc entries too (the zero-block crc), so junk appearing there is caught.
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
-    store.create_and_write(oid(1), 0, b"x", stamp(1), true).unwrap();
+    store
+        .create_and_write(oid(1), 0, b"x", stamp(1), true)
+        .unwrap();
     flip_byte(&object_path(dir.path(), oid(1)), DATA_OFFSET + 10 * 4096);
-    assert!(matches!(store.read(oid(1), 10 * 4096, 1), Err(StoreError::Checksum { block: 10, .. })));
+    assert!(matches!(
+        store.read(oid(1), 10 * 4096, 1),
+        Err(StoreError::Checksum { block: 10, .. })
+    ));
 }
 
 #[test]
 fn flipped_bit_in_the_crc_table_is_detected() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
-    store.create_and_write(oid(1), 0, &pattern(8192, 1), stamp(1), true).unwrap();
+    store
+        .create_and_write(oid(1), 0, &pattern(8192, 1), stamp(1), true)
+        .unwrap();
     flip_byte(&object_path(dir.path(), oid(1)), 4096 + 4);
-    assert!(matches!(store.read(oid(1), 0, 8192), Err(StoreError::Checksum { block: 1, .. })));
+    assert!(matches!(
+        store.read(oid(1), 0, 8192),
+        Err(StoreError::Checksum { block: 1, .. })
+    ));
 }
 
 /// Opens a fresh store over a damaged object file and checks every call on the object
@@ -63,20 +92,31 @@ fn flipped_bit_in_the_crc_table_is_detected() {
 fn assert_corrupt_after(damage: impl Fn(&Path)) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
-    store.create_and_write(oid(1), 0, &pattern(8192, 1), stamp(1), true).unwrap();
-    store.create_and_write(oid(2), 0, b"fine", stamp(1), true).unwrap();
+    store
+        .create_and_write(oid(1), 0, &pattern(8192, 1), stamp(1), true)
+        .unwrap();
+    store
+        .create_and_write(oid(2), 0, b"fine", stamp(1), true)
+        .unwrap();
     drop(store);
     damage(&object_path(dir.path(), oid(1)));
     let store = open(dir.path(), SMALL_OBJECT, false);
-    let corrupt = |r: Result<_, StoreError>| matches!(r, Err(StoreError::Corrupt { .. }));
+    fn corrupt<T>(r: Result<T, StoreError>) -> bool {
+        matches!(r, Err(StoreError::Corrupt { .. }))
+    }
     assert!(corrupt(store.read(oid(1), 0, 10)));
     assert!(corrupt(store.write(oid(1), 0, b"x", stamp(2), true)));
     assert!(corrupt(store.stamp(oid(1))));
-    assert!(matches!(store.create_and_write(oid(1), 0, b"x", stamp(2), true), Err(StoreError::Exists(_))));
+    assert!(matches!(
+        store.create_and_write(oid(1), 0, b"x", stamp(2), true),
+        Err(StoreError::Exists(_))
+    ));
     assert_eq!(store.read(oid(2), 0, 4).unwrap(), b"fine");
     // The caller's remedy: quarantine and recover.
     store.mark_stale(oid(1)).unwrap();
-    store.create_and_write(oid(1), 0, b"recovered", stamp(3), true).unwrap();
+    store
+        .create_and_write(oid(1), 0, b"recovered", stamp(3), true)
+        .unwrap();
     assert_eq!(store.read(oid(1), 0, 9).unwrap(), b"recovered");
 }
 
@@ -87,12 +127,26 @@ fn zero_length_object_file_is_corrupt() {
 
 #[test]
 fn truncated_object_file_is_corrupt() {
-    assert_corrupt_after(|path| OpenOptions::new().write(true).open(path).unwrap().set_len(6000).unwrap());
+    assert_corrupt_after(|path| {
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(6000)
+            .unwrap()
+    });
 }
 
 #[test]
 fn object_file_cut_inside_its_header_is_corrupt() {
-    assert_corrupt_after(|path| OpenOptions::new().write(true).open(path).unwrap().set_len(20).unwrap());
+    assert_corrupt_after(|path| {
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(20)
+            .unwrap()
+    });
 }
 
 #[test]
@@ -118,18 +172,33 @@ fn object_file_of_another_oid_is_corrupt() {
 fn object_written_with_another_object_size_is_corrupt() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
-    store.create_and_write(oid(1), 0, b"x", stamp(1), true).unwrap();
+    store
+        .create_and_write(oid(1), 0, b"x", stamp(1), true)
+        .unwrap();
     drop(store);
     let store = open(dir.path(), SMALL_OBJECT * 2, false);
-    assert!(matches!(store.read(oid(1), 0, 1), Err(StoreError::Corrupt { .. })));
+    assert!(matches!(
+        store.read(oid(1), 0, 1),
+        Err(StoreError::Corrupt { .. })
+    ));
 }
 
 #[test]
 fn file_truncated_while_cached_is_corrupt_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), SMALL_OBJECT, false);
-    store.create_and_write(oid(1), 0, b"x", stamp(1), true).unwrap();
+    store
+        .create_and_write(oid(1), 0, b"x", stamp(1), true)
+        .unwrap();
     let path = object_path(dir.path(), oid(1));
-    OpenOptions::new().write(true).open(path).unwrap().set_len(9000).unwrap();
-    assert!(matches!(store.read(oid(1), 0, 8192), Err(StoreError::Corrupt { .. })));
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(9000)
+        .unwrap();
+    assert!(matches!(
+        store.read(oid(1), 0, 8192),
+        Err(StoreError::Corrupt { .. })
+    ));
 }

@@ -13,11 +13,33 @@ const OBJECTS: u32 = 2;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Create { object: u32, offset: u64, len: usize, durable: bool },
-    Write { object: u32, offset: u64, len: usize, durable: bool },
-    Punch { object: u32, offset: u64, len: u64, durable: bool },
-    Read { object: u32, offset: u64, len: u32 },
-    Remove { object: u32, durable: bool },
+    Create {
+        object: u32,
+        offset: u64,
+        len: usize,
+        durable: bool,
+    },
+    Write {
+        object: u32,
+        offset: u64,
+        len: usize,
+        durable: bool,
+    },
+    Punch {
+        object: u32,
+        offset: u64,
+        len: u64,
+        durable: bool,
+    },
+    Read {
+        object: u32,
+        offset: u64,
+        len: u32,
+    },
+    Remove {
+        object: u32,
+        durable: bool,
+    },
     SyncAll,
     PowerCut,
 }
@@ -27,7 +49,9 @@ fn offset() -> impl Strategy<Value = u64> {
     let size = u64::from(OBJECT_SIZE);
     prop_oneof![
         0..size,
-        (0..8u64, -2i64..=2).prop_map(move |(block, delta)| (block * 4096).saturating_add_signed(delta).min(size - 1)),
+        (0..8u64, -2i64..=2).prop_map(move |(block, delta)| (block * 4096)
+            .saturating_add_signed(delta)
+            .min(size - 1)),
     ]
 }
 
@@ -35,7 +59,7 @@ fn op() -> impl Strategy<Value = Op> {
     let object = 0..OBJECTS;
     let len = 0usize..3 * 4096;
     prop_oneof![
-        (object.clone(), offset(), len.clone(), any::<bool>())
+        1 => (object.clone(), offset(), len.clone(), any::<bool>())
             .prop_map(|(object, offset, len, durable)| Op::Create { object, offset, len, durable }),
         4 => (object.clone(), offset(), len.clone(), any::<bool>())
             .prop_map(|(object, offset, len, durable)| Op::Write { object, offset, len, durable }),
@@ -43,33 +67,74 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(object, offset, len, durable)| Op::Punch { object, offset, len, durable }),
         3 => (object.clone(), offset(), 0u32..3 * 4096)
             .prop_map(|(object, offset, len)| Op::Read { object, offset, len }),
-        (object, any::<bool>()).prop_map(|(object, durable)| Op::Remove { object, durable }),
-        Just(Op::SyncAll),
-        Just(Op::PowerCut),
+        1 => (object, any::<bool>()).prop_map(|(object, durable)| Op::Remove { object, durable }),
+        1 => Just(Op::SyncAll),
+        1 => Just(Op::PowerCut),
     ]
 }
 
-/// What the store should hold: each object's current bytes, and the bytes a power cut
-/// would leave (`None`: absent).
+/// What the store should hold, per object: its current bytes (`None`: absent), the
+/// state a power cut would leave, the contents of its current file as of that file's
+/// last sync (or creation), and whether its creation or removal awaits a directory fsync.
 #[derive(Clone, Default)]
+struct Object {
+    current: Option<Vec<u8>>,
+    durable: Option<Vec<u8>>,
+    file_synced: Vec<u8>,
+    dir_pending: bool,
+}
+
 struct Model {
-    current: Vec<Option<Vec<u8>>>,
-    durable: Vec<Option<Vec<u8>>>,
+    objects: Vec<Object>,
 }
 
 impl Model {
     fn new() -> Model {
         Model {
-            current: vec![None; OBJECTS as usize],
-            durable: vec![None; OBJECTS as usize],
+            objects: vec![Object::default(); OBJECTS as usize],
         }
     }
 
-    /// A durable change to `object` makes its contents durable, and (through the
-    /// directory fsync it implies for a pending create) its existence.
-    fn make_durable(&mut self, object: usize) {
-        self.durable[object] = self.current[object].clone();
+    /// An fsync of the objects directory: every pending creation and removal becomes
+    /// durable, with the contents its file had at its last sync.
+    fn dir_synced(&mut self) {
+        for object in self.objects.iter_mut().filter(|o| o.dir_pending) {
+            object.durable = object.current.as_ref().map(|_| object.file_synced.clone());
+            object.dir_pending = false;
+        }
     }
+
+    /// A durable write or punch: fdatasync of the file, then a directory fsync if the
+    /// object's creation was pending.
+    fn file_synced(&mut self, slot: usize) {
+        let object = &mut self.objects[slot];
+        object.file_synced = object.current.clone().unwrap_or_default();
+        if object.dir_pending {
+            self.dir_synced();
+        } else {
+            object.durable = object.current.clone();
+        }
+    }
+
+    fn all_synced(&mut self) {
+        for object in &mut self.objects {
+            object.durable = object.current.clone();
+            object.file_synced = object.current.clone().unwrap_or_default();
+            object.dir_pending = false;
+        }
+    }
+
+    fn power_cut(&mut self) {
+        for object in &mut self.objects {
+            object.current = object.durable.clone();
+            object.file_synced = object.durable.clone().unwrap_or_default();
+            object.dir_pending = false;
+        }
+    }
+}
+
+fn out_of_range<T>(result: &Result<T, StoreError>) -> bool {
+    matches!(result, Err(StoreError::OutOfRange { .. }))
 }
 
 fn fits(offset: u64, len: u64) -> bool {
@@ -86,85 +151,124 @@ fn run(ops: Vec<Op>, fault_injection: bool) -> Result<(), TestCaseError> {
     // Everything the model says is current must read back, checksums included.
     for object in 0..OBJECTS {
         let got = store.read(oid(object), 0, OBJECT_SIZE).ok();
-        prop_assert_eq!(got, model.current[object as usize].clone());
+        prop_assert_eq!(got, model.objects[object as usize].current.clone());
     }
     Ok(())
 }
 
-fn apply(store: &ObjectStore, model: &mut Model, step: usize, op: Op, fault: bool) -> Result<(), TestCaseError> {
+fn apply(
+    store: &ObjectStore,
+    model: &mut Model,
+    step: usize,
+    op: Op,
+    fault: bool,
+) -> Result<(), TestCaseError> {
     let generation = step as u64 + 1;
     match op {
-        Op::Create { object, offset, len, durable } => {
+        Op::Create {
+            object,
+            offset,
+            len,
+            durable,
+        } => {
             let data = pattern(len, step as u8);
-            let result = store.create_and_write(oid(object), offset, &data, stamp(generation), durable);
+            let result =
+                store.create_and_write(oid(object), offset, &data, stamp(generation), durable);
             let slot = object as usize;
             if !fits(offset, len as u64) {
-                prop_assert!(matches!(result, Err(StoreError::OutOfRange { .. })));
-            } else if model.current[slot].is_some() {
-                prop_assert!(matches!(result, Err(StoreError::Exists(_))));
+                prop_assert!(out_of_range(&result), "{:?}", result);
+            } else if model.objects[slot].current.is_some() {
+                prop_assert!(matches!(result, Err(StoreError::Exists(_))), "{:?}", result);
             } else {
                 prop_assert!(result.is_ok(), "{:?}", result);
                 let mut bytes = vec![0u8; OBJECT_SIZE as usize];
                 bytes[offset as usize..offset as usize + len].copy_from_slice(&data);
-                model.current[slot] = Some(bytes);
+                let object = &mut model.objects[slot];
+                object.current = Some(bytes.clone());
+                object.file_synced = bytes;
+                object.dir_pending = true;
                 if durable {
-                    // The directory fsync also commits other objects' creates and removes.
-                    for other in 0..OBJECTS as usize {
-                        if model.current[other].is_none() != model.durable[other].is_none() {
-                            model.durable[other] = model.current[other].clone();
-                        }
-                    }
-                    model.make_durable(slot);
+                    model.dir_synced();
                 }
             }
         }
-        Op::Write { object, offset, len, durable } => {
+        Op::Write {
+            object,
+            offset,
+            len,
+            durable,
+        } => {
             let data = pattern(len, step as u8);
             let result = store.write(oid(object), offset, &data, stamp(generation), durable);
-            change(model, object, offset, len as u64, durable, result, |bytes| {
-                bytes[offset as usize..offset as usize + len].copy_from_slice(&data)
-            })?;
+            change(
+                model,
+                object,
+                offset,
+                len as u64,
+                durable,
+                result,
+                |bytes| bytes[offset as usize..offset as usize + len].copy_from_slice(&data),
+            )?;
         }
-        Op::Punch { object, offset, len, durable } => {
+        Op::Punch {
+            object,
+            offset,
+            len,
+            durable,
+        } => {
             let result = store.punch(oid(object), offset, len, stamp(generation), durable);
             change(model, object, offset, len, durable, result, |bytes| {
                 bytes[offset as usize..(offset + len) as usize].fill(0)
             })?;
         }
-        Op::Read { object, offset, len } => {
+        Op::Read {
+            object,
+            offset,
+            len,
+        } => {
             let result = store.read(oid(object), offset, len);
-            match &model.current[object as usize] {
-                _ if !fits(offset, len.into()) => prop_assert!(matches!(result, Err(StoreError::OutOfRange { .. }))),
-                None => prop_assert!(matches!(result, Err(StoreError::NotFound(_)))),
+            match &model.objects[object as usize].current {
+                _ if !fits(offset, len.into()) => {
+                    prop_assert!(out_of_range(&result), "{:?}", result)
+                }
+                None => prop_assert!(
+                    matches!(result, Err(StoreError::NotFound(_))),
+                    "{:?}",
+                    result
+                ),
                 Some(bytes) => {
-                    prop_assert_eq!(result.unwrap(), bytes[offset as usize..(offset + u64::from(len)) as usize].to_vec())
+                    prop_assert_eq!(
+                        result.unwrap(),
+                        bytes[offset as usize..(offset + u64::from(len)) as usize].to_vec()
+                    )
                 }
             }
         }
         Op::Remove { object, durable } => {
             let result = store.remove(oid(object), durable);
-            let slot = object as usize;
-            if model.current[slot].take().is_none() {
-                prop_assert!(matches!(result, Err(StoreError::NotFound(_))));
+            let object = &mut model.objects[object as usize];
+            if object.current.take().is_none() {
+                prop_assert!(
+                    matches!(result, Err(StoreError::NotFound(_))),
+                    "{:?}",
+                    result
+                );
             } else {
                 prop_assert!(result.is_ok());
+                object.dir_pending = true;
                 if durable {
-                    for other in 0..OBJECTS as usize {
-                        if model.current[other].is_none() != model.durable[other].is_none() {
-                            model.durable[other] = model.current[other].clone();
-                        }
-                    }
+                    model.dir_synced();
                 }
             }
         }
         Op::SyncAll => {
             store.sync_all().unwrap();
-            model.durable = model.current.clone();
+            model.all_synced();
         }
         Op::PowerCut => {
             store.power_cut();
             if fault {
-                model.current = model.durable.clone();
+                model.power_cut();
             }
         }
     }
@@ -183,27 +287,21 @@ fn change(
 ) -> Result<(), TestCaseError> {
     let slot = object as usize;
     if !fits(offset, len) {
-        prop_assert!(matches!(result, Err(StoreError::OutOfRange { .. })));
+        prop_assert!(out_of_range(&result), "{:?}", result);
         return Ok(());
     }
-    let Some(bytes) = model.current[slot].as_mut() else {
-        prop_assert!(matches!(result, Err(StoreError::NotFound(_))));
+    let Some(bytes) = model.objects[slot].current.as_mut() else {
+        prop_assert!(
+            matches!(result, Err(StoreError::NotFound(_))),
+            "{:?}",
+            result
+        );
         return Ok(());
     };
     prop_assert!(result.is_ok(), "{:?}", result);
     edit(bytes);
     if durable {
-        // fdatasync makes the file's contents durable; if its creation was pending, the
-        // directory fsync that follows also commits every pending create and remove.
-        let creation_pending = model.durable[slot].is_none();
-        model.make_durable(slot);
-        if creation_pending {
-            for other in 0..OBJECTS as usize {
-                if model.current[other].is_none() != model.durable[other].is_none() {
-                    model.durable[other] = model.current[other].clone();
-                }
-            }
-        }
+        model.file_synced(slot);
     }
     Ok(())
 }
