@@ -377,6 +377,7 @@ async fn nbdcopy_and_fio_verify_data_through_many_requests() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=terse",
         ],
     )

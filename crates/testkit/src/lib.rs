@@ -100,6 +100,20 @@ pub fn describe(out: &Output) -> String {
     format!("status: {}\nstderr: {}\nstdout: {shown}", out.status, String::from_utf8_lossy(&out.stderr))
 }
 
+/// Asserts that a command failed (non-zero exit, no panic) and that its stderr names the
+/// cause: it contains every one of `words`, ignoring case. Returns the stderr.
+pub fn assert_fails_with(out: &Output, words: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "command succeeded but should have failed\n{}", describe(out));
+    assert!(out.status.code().is_some(), "command died from a signal\n{}", describe(out));
+    assert!(!stderr.contains("panicked"), "command panicked\n{}", describe(out));
+    let lower = stderr.to_lowercase();
+    for word in words {
+        assert!(lower.contains(&word.to_lowercase()), "error message does not mention {word:?}\n{}", describe(out));
+    }
+    stderr
+}
+
 /// Runs `cmd` to completion with `input` on stdin; kills it after `timeout`.
 fn run_command(mut cmd: Command, input: Option<&[u8]>, timeout: Duration) -> Result<Output, String> {
     cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
