@@ -39,11 +39,7 @@ pub async fn dispatch(node: &Node, op: Opcode, h: &Header, payload: Vec<u8>) -> 
     }
     match op {
         Opcode::Hello => Err(invalid("hello may only be the first frame")),
-        Opcode::SyncAll => {
-            let store = node.store_or_err()?;
-            blocking(move || store.sync_all()).await?;
-            Ok(Outcome::default())
-        }
+        Opcode::SyncAll => sync_all(node).await,
         Opcode::NodeInfo => admin::node_info(node).await,
         Opcode::ClusterInfo => admin::cluster_info(node).await,
         Opcode::ClusterFormat => admin::format(node, &payload).await,
@@ -65,6 +61,31 @@ pub async fn dispatch(node: &Node, op: Opcode, h: &Header, payload: Vec<u8>) -> 
         Opcode::VdiRead => vdi::read(node, h).await,
         Opcode::VdiWrite => vdi::write(node, h, payload).await,
         _ => Err(invalid(format!("opcode {op:?} is not served here"))),
+    }
+}
+
+/// Makes every completed write durable. When the sync fails, data may be lost: every
+/// object changed since the last sync is marked stale here (recovered, never served),
+/// and the error is returned; the sync is never retried into a false success.
+async fn sync_all(node: &Node) -> Result<Outcome, PeerError> {
+    let store = node.store_or_err()?;
+    let s2 = store.clone();
+    match tokio::task::spawn_blocking(move || s2.sync_all()).await {
+        Ok(Ok(())) => Ok(Outcome::default()),
+        Ok(Err(store::StoreError::SyncFailed { oids, source })) => {
+            tracing::error!(objects = oids.len(), error = %source, "sync failed; marking changed objects stale");
+            let count = oids.len();
+            let _ = blocking(move || {
+                for oid in oids {
+                    store.mark_stale(oid)?;
+                }
+                Ok(())
+            })
+            .await;
+            Err(PeerError::new(ErrorCode::Io, format!("sync failed ({source}); {count} object(s) marked stale")))
+        }
+        Ok(Err(e)) => Err(from_store(e)),
+        Err(e) => Err(PeerError::new(ErrorCode::Internal, format!("store task failed: {e}"))),
     }
 }
 
@@ -99,6 +120,9 @@ async fn object_op(node: &Node, op: Opcode, h: &Header, payload: Vec<u8>) -> Res
     };
     let durable = h.has_flag(FLAG_DURABLE);
     let (offset, length) = (h.offset, h.length);
+    if matches!(op, Opcode::WriteObj | Opcode::CreateAndWrite | Opcode::PunchObj | Opcode::RemoveObj) {
+        node.check_fence(oid.vid(), h.fence)?;
+    }
     match op {
         Opcode::ReadObj => {
             let data = blocking(move || store.read(oid, offset, length)).await?;

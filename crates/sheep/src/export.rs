@@ -10,7 +10,7 @@
 //! write and syncs on FLUSH; `writethrough` makes every write durable on every replica
 //! before acknowledging it. FUA writes are durable before the reply in every mode.
 
-use crate::gateway::{self, open_vdi, VdiState};
+use crate::gateway::{self, open_vdi, Refresh, VdiState};
 use crate::node::Node;
 use crate::vdi::lookup;
 use async_trait::async_trait;
@@ -96,8 +96,11 @@ impl ExportProvider for SheepExports {
             Err(e) if e.code == ErrorCode::NoSuchVdi => return Err(OpenError::Unknown),
             Err(e) => return Err(OpenError::Other(e.message)),
         };
-        let vdi = open_vdi(&node, vid, true).await.map_err(|e| OpenError::Other(e.message))?;
+        let vdi = open_vdi(&node, vid, Refresh::All).await.map_err(|e| OpenError::Other(e.message))?;
         let fence = if read_only { 0 } else { acquire_writer(&node, vid, vdi_name).await? };
+        if !read_only {
+            vdi.set_fence(fence);
+        }
         let h = vdi.header();
         let writethrough = h.cache_mode == "writethrough";
         tracing::info!(vdi = vdi_name, read_only, mode = %h.cache_mode, "NBD export opened");
@@ -108,7 +111,6 @@ impl ExportProvider for SheepExports {
             size: h.size,
             read_only,
             writethrough,
-            fence,
         }))
     }
 }
@@ -150,6 +152,7 @@ async fn release_writer(node: &Node, vdi: &VdiState, vid: Vid) {
         return;
     }
     writers.remove(&vid);
+    vdi.set_fence(0);
     if let Err(e) = node.driver.lock_release(vid, node.uuid, generation).await {
         tracing::warn!(vid, error = %e, "releasing the VDI lock failed");
     }
@@ -163,9 +166,6 @@ pub struct VdiDevice {
     size: u64,
     read_only: bool,
     writethrough: bool,
-    /// The lock generation this writer holds (0 for read-only).
-    #[allow(dead_code)]
-    fence: u64,
 }
 
 #[async_trait]

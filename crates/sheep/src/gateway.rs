@@ -9,7 +9,8 @@
 
 use crate::node::Node;
 use futures::future::join_all;
-use crate::replicate::{read_object_replicas, replicate, replicate_len, WriteKind};
+use crate::replicate::{read_object_replicas, replicate, replicate_len, Policy, WriteKind};
+use std::sync::atomic::{AtomicU64, Ordering};
 use proto::inode::{decode_table, split_range, table_entry_offset, VdiHeader};
 use proto::oid::INODE_HEADER_SIZE;
 use proto::{ErrorCode, Oid, PeerError, Vid};
@@ -33,6 +34,8 @@ pub struct VdiState {
     unsynced: Mutex<HashSet<Uuid>>,
     /// Orders flushes: one does not return while an earlier one's syncs still run.
     flush_order: tokio::sync::Mutex<()>,
+    /// VDI lock generation carried by writes (fencing token); 0 when unlocked.
+    fence: AtomicU64,
 }
 
 impl VdiState {
@@ -53,11 +56,34 @@ impl VdiState {
         t[index as usize] = vid;
     }
 
+    /// The replication policy of this VDI's writes.
+    pub fn policy(&self, durable: bool) -> Policy {
+        let h = self.header.read().unwrap_or_else(|p| p.into_inner());
+        Policy {
+            copies: h.copies as usize,
+            min_copies: h.min_copies as usize,
+            durable,
+            fence: self.fence.load(Ordering::Acquire),
+        }
+    }
+
+    /// Sets the lock generation this gateway's writes carry (0 when it holds no lock).
+    pub fn set_fence(&self, fence: u64) {
+        self.fence.store(fence, Ordering::Release);
+    }
+
     /// Records the nodes of an unsynced write for the next flush.
     fn note_unsynced(&self, durable: bool, nodes: Vec<Uuid>) {
         if !durable {
             self.unsynced.lock().unwrap_or_else(|p| p.into_inner()).extend(nodes);
         }
+    }
+
+    /// Indices of the data objects this VDI owns.
+    pub fn owned_indices(&self) -> Vec<u32> {
+        let vid = self.header.read().unwrap_or_else(|p| p.into_inner()).vid;
+        let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+        t.iter().enumerate().filter(|(_, &e)| e == vid).map(|(i, _)| i as u32).collect()
     }
 
     /// Number of data objects this VDI owns.
@@ -85,28 +111,48 @@ impl Gateway {
     }
 }
 
-/// Opens a VDI: from the cache, reloading its header when `refresh_header` is set (so a
-/// resize made through another node is seen).
-pub async fn open_vdi(node: &Node, vid: Vid, refresh_header: bool) -> Result<Arc<VdiState>, PeerError> {
+/// How much of a cached VDI to reload from its inode when opening it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refresh {
+    /// Use the cache as it is (entries marked unwritten are still re-checked on read).
+    Cached,
+    /// Reload the header (size and settings may have been changed through another node).
+    Header,
+    /// Reload header and data table (for listings and deletes that count objects).
+    All,
+}
+
+/// Opens a VDI, from the gateway's cache where it is there.
+pub async fn open_vdi(node: &Node, vid: Vid, refresh: Refresh) -> Result<Arc<VdiState>, PeerError> {
     if let Some(v) = node.gateway.get(vid) {
-        if refresh_header {
+        if refresh != Refresh::Cached {
             let h = load_header(node, vid).await?;
+            if refresh == Refresh::All {
+                let table = load_table(node, vid, h.object_count()).await?;
+                *v.table.write().unwrap_or_else(|p| p.into_inner()) = table;
+            }
             *v.header.write().unwrap_or_else(|p| p.into_inner()) = h;
         }
         return Ok(v);
     }
     let header = load_header(node, vid).await?;
-    let count = header.object_count();
-    let table_bytes = read_inode(node, vid, INODE_HEADER_SIZE, 4 * count).await?;
+    let table = load_table(node, vid, header.object_count()).await?;
     let state = Arc::new(VdiState {
         header: RwLock::new(header),
-        table: RwLock::new(decode_table(&table_bytes)),
+        table: RwLock::new(table),
         stripes: (0..WRITE_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
         unsynced: Mutex::new(HashSet::new()),
         flush_order: tokio::sync::Mutex::new(()),
+        fence: AtomicU64::new(0),
     });
     let mut vdis = node.gateway.vdis.lock().unwrap_or_else(|p| p.into_inner());
     Ok(vdis.entry(vid).or_insert(state).clone())
+}
+
+/// Reads the first `count` entries of a VDI's data table.
+async fn load_table(node: &Node, vid: Vid, count: u32) -> Result<Vec<Vid>, PeerError> {
+    let bytes = read_inode(node, vid, INODE_HEADER_SIZE, 4 * count).await?;
+    Ok(decode_table(&bytes))
 }
 
 /// Reads a VDI's header from its inode object.
@@ -198,10 +244,10 @@ pub async fn write(node: &Node, vdi: &VdiState, offset: u64, data: &[u8], durabl
 async fn write_object(node: &Node, vdi: &VdiState, h: &VdiHeader, index: u32, offset: u64, data: &[u8], durable: bool) -> Result<(), PeerError> {
     let _ordered = vdi.stripes[index as usize % WRITE_STRIPES].lock().await;
     let oid = Oid::data(h.vid, index);
-    let (copies, min) = (h.copies as usize, h.min_copies as usize);
+    let policy = vdi.policy(durable);
     let owner = vdi.entry(index);
     if owner == h.vid {
-        let nodes = replicate(node, WriteKind::Write, oid, offset, data, copies, min, durable).await?;
+        let nodes = replicate(node, WriteKind::Write, oid, offset, data, policy).await?;
         vdi.note_unsynced(durable, nodes);
         return Ok(());
     }
@@ -211,16 +257,15 @@ async fn write_object(node: &Node, vdi: &VdiState, h: &VdiHeader, index: u32, of
             format!("object {index} of vid {} belongs to vid {owner}: copy-on-write is not supported yet", h.vid),
         ));
     }
-    let nodes = replicate(node, WriteKind::Create, oid, offset, data, copies, min, durable).await?;
+    let nodes = replicate(node, WriteKind::Create, oid, offset, data, policy).await?;
     vdi.note_unsynced(durable, nodes);
     set_table_entry(node, vdi, h, index, h.vid, durable).await
 }
 
 /// Points table entry `index` at `owner` on the inode's replicas, then in the cache.
 async fn set_table_entry(node: &Node, vdi: &VdiState, h: &VdiHeader, index: u32, owner: Vid, durable: bool) -> Result<(), PeerError> {
-    let (copies, min) = (h.copies as usize, h.min_copies as usize);
     let entry = owner.to_le_bytes();
-    let nodes = replicate(node, WriteKind::Write, Oid::inode(h.vid), table_entry_offset(index), &entry, copies, min, durable).await?;
+    let nodes = replicate(node, WriteKind::Write, Oid::inode(h.vid), table_entry_offset(index), &entry, vdi.policy(durable)).await?;
     vdi.note_unsynced(durable, nodes);
     vdi.set_entry(index, owner);
     Ok(())
@@ -246,13 +291,12 @@ pub async fn zero_range(node: &Node, vdi: &VdiState, offset: u64, len: u64, no_h
             return Err(PeerError::new(ErrorCode::Unsupported, "trimming a shared (snapshot) object is not supported yet"));
         }
         let oid = Oid::data(h.vid, index);
-        let (copies, min) = (h.copies as usize, h.min_copies as usize);
         let whole = in_obj == 0 && n == h.object_size as u64;
-        let nodes = replicate_len(node, WriteKind::Punch, oid, in_obj, &[], n, copies, min, durable || whole).await?;
+        let nodes = replicate_len(node, WriteKind::Punch, oid, in_obj, &[], n, vdi.policy(durable || whole)).await?;
         vdi.note_unsynced(durable || whole, nodes);
         if whole {
             set_table_entry(node, vdi, &h, index, 0, true).await?;
-            let nodes = replicate(node, WriteKind::Remove, oid, 0, &[], copies, 1, true).await?;
+            let nodes = replicate(node, WriteKind::Remove, oid, 0, &[], vdi.policy(true).with_min_copies(1)).await?;
             vdi.note_unsynced(true, nodes);
         }
     }

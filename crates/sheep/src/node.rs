@@ -85,6 +85,8 @@ pub struct Node {
     cluster: Arc<RwLock<Option<ClusterStamp>>>,
     view: RwLock<Arc<View>>,
     last_generation: AtomicU64,
+    /// Highest VDI lock generation seen in writes, per vid (fencing tokens).
+    fences: std::sync::Mutex<std::collections::HashMap<proto::Vid, u64>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -110,6 +112,7 @@ impl Node {
             cluster: shared,
             view: RwLock::new(Arc::new(View::new(Membership::default(), uuid))),
             last_generation: AtomicU64::new(0),
+            fences: Default::default(),
             shutdown,
         })
     }
@@ -157,6 +160,24 @@ impl Node {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| Some(now.max(last + 1)))
             .unwrap_or(0);
         now.max(prev + 1)
+    }
+
+    /// Refuses a write carrying an older VDI lock generation than one already seen:
+    /// its gateway lost the lock. Writes without a token (0) were checked by their gateway.
+    pub fn check_fence(&self, vid: proto::Vid, fence: u64) -> Result<(), PeerError> {
+        if fence == 0 {
+            return Ok(());
+        }
+        let mut fences = self.fences.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = fences.entry(vid).or_insert(0);
+        if fence < *seen {
+            return Err(PeerError::new(
+                ErrorCode::Fenced,
+                format!("write to vid {vid:#x} carries lock generation {fence}, but generation {} has taken over", *seen),
+            ));
+        }
+        *seen = fence;
+        Ok(())
     }
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {

@@ -60,33 +60,36 @@ fn epoch_moved(e: &ClientError) -> bool {
 /// Applies a write to every live replica of `oid` at the current epoch. Succeeds when all
 /// applied it, or at least `min_copies` did and every one that did not is marked stale.
 /// Returns the nodes that applied it (for the flush that must later sync them).
-#[allow(clippy::too_many_arguments)]
-pub async fn replicate(
-    node: &Node,
-    kind: WriteKind,
-    oid: Oid,
-    offset: u64,
-    data: &[u8],
-    copies: usize,
-    min_copies: usize,
-    durable: bool,
-) -> Result<Vec<Uuid>, PeerError> {
-    replicate_len(node, kind, oid, offset, data, data.len() as u64, copies, min_copies, durable).await
+pub async fn replicate(node: &Node, kind: WriteKind, oid: Oid, offset: u64, data: &[u8], policy: Policy) -> Result<Vec<Uuid>, PeerError> {
+    replicate_len(node, kind, oid, offset, data, data.len() as u64, policy).await
+}
+
+/// How a write is replicated.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// Replicas wanted.
+    pub copies: usize,
+    /// Fewest replicas that must apply the write.
+    pub min_copies: usize,
+    /// Every replica makes the write durable before answering.
+    pub durable: bool,
+    /// The VDI lock generation of the writer (0: unlocked writer, checked at the gateway).
+    pub fence: u64,
+}
+
+impl Policy {
+    pub fn with_durable(self, durable: bool) -> Policy {
+        Policy { durable, ..self }
+    }
+
+    pub fn with_min_copies(self, min_copies: usize) -> Policy {
+        Policy { min_copies, ..self }
+    }
 }
 
 /// [`replicate`] with an explicit operation length (for punches, which carry no data).
-#[allow(clippy::too_many_arguments)]
-pub async fn replicate_len(
-    node: &Node,
-    kind: WriteKind,
-    oid: Oid,
-    offset: u64,
-    data: &[u8],
-    len: u64,
-    copies: usize,
-    min_copies: usize,
-    durable: bool,
-) -> Result<Vec<Uuid>, PeerError> {
+pub async fn replicate_len(node: &Node, kind: WriteKind, oid: Oid, offset: u64, data: &[u8], len: u64, policy: Policy) -> Result<Vec<Uuid>, PeerError> {
+    let Policy { copies, min_copies, durable, fence } = policy;
     let started = Instant::now();
     let mut last_err = None;
     for _ in 0..ATTEMPTS_MAX {
@@ -103,6 +106,7 @@ pub async fn replicate_len(
         let generation = node.next_generation();
         let mut h = object_header(kind.opcode(), view.epoch(), oid, offset, len as u32);
         h.generation = generation;
+        h.fence = fence;
         if durable {
             h.flags |= FLAG_DURABLE;
         }

@@ -3,9 +3,9 @@
 
 use crate::dispatch::Outcome;
 use crate::error::{from_cluster, invalid};
-use crate::gateway::{self, open_vdi};
+use crate::gateway::{self, open_vdi, Refresh};
 use crate::node::Node;
-use crate::replicate::{replicate, WriteKind};
+use crate::replicate::{replicate, Policy, WriteKind};
 use futures::future::join_all;
 use proto::inode::{vdi_size_max, VdiHeader, CACHE_MODES, SECTOR_SIZE, VDI_NAME_MAX};
 use proto::msg::{
@@ -97,7 +97,8 @@ pub async fn create(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
         cache_mode: check_cache_mode(req.cache_mode.as_deref().unwrap_or(CACHE_MODES[0]))?,
     };
     let bytes = header.encode().map_err(|e| invalid(e.to_string()))?;
-    let made = replicate(node, WriteKind::Create, Oid::inode(vid), 0, &bytes, copies as usize, min_copies as usize, true).await;
+    let policy = Policy { copies: copies as usize, min_copies: min_copies as usize, durable: true, fence: 0 };
+    let made = replicate(node, WriteKind::Create, Oid::inode(vid), 0, &bytes, policy).await;
     if let Err(e) = made {
         // Roll the registry back so the name is free again (the vid stays retired).
         let _ = node.driver.vdi_delete(&req.name, vid).await;
@@ -136,8 +137,9 @@ fn check_cache_mode(mode: &str) -> Result<String, PeerError> {
 /// Rewrites a VDI's header block on its inode replicas (durably) and reloads it.
 async fn store_header(node: &Node, h: &VdiHeader) -> Result<(), PeerError> {
     let bytes = h.encode().map_err(|e| invalid(e.to_string()))?;
-    replicate(node, WriteKind::Write, Oid::inode(h.vid), 0, &bytes, h.copies as usize, h.min_copies as usize, true).await?;
-    open_vdi(node, h.vid, true).await?;
+    let v = open_vdi(node, h.vid, Refresh::Cached).await?;
+    replicate(node, WriteKind::Write, Oid::inode(h.vid), 0, &bytes, v.policy(true)).await?;
+    open_vdi(node, h.vid, Refresh::Header).await?;
     Ok(())
 }
 
@@ -145,7 +147,7 @@ pub async fn set(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     let req: VdiSetRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
     formatted(node)?;
     let vid = lookup(node, &req.name).await?;
-    let v = open_vdi(node, vid, true).await?;
+    let v = open_vdi(node, vid, Refresh::Header).await?;
     let mut h = v.header();
     match req.key.as_str() {
         "cache" => h.cache_mode = check_cache_mode(&req.value)?,
@@ -199,14 +201,14 @@ pub async fn info(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     let req: VdiNameRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
     formatted(node)?;
     let vid = lookup(node, &req.name).await?;
-    let v = open_vdi(node, vid, true).await?;
+    let v = open_vdi(node, vid, Refresh::All).await?;
     Ok(Outcome::json(&info_of(&v.header(), v.allocated())))
 }
 
 pub async fn list(node: &Node) -> Result<Outcome, PeerError> {
     formatted(node)?;
     let entries = node.driver.vdi_list().await.map_err(from_cluster)?;
-    let infos = join_all(entries.iter().map(|e| open_vdi(node, e.vid, true))).await;
+    let infos = join_all(entries.iter().map(|e| open_vdi(node, e.vid, Refresh::All))).await;
     let mut vdis = Vec::new();
     for (e, r) in entries.iter().zip(infos) {
         match r {
@@ -222,20 +224,19 @@ pub async fn delete(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     let req: VdiNameRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
     formatted(node)?;
     let vid = lookup(node, &req.name).await?;
-    let state = open_vdi(node, vid, true).await;
+    let state = open_vdi(node, vid, Refresh::All).await;
     // Unregister first: from now on nobody can open it; the vid is never reused.
     node.driver.vdi_delete(&req.name, vid).await.map_err(from_cluster)?;
     node.gateway.forget(vid);
     if let Ok(v) = state {
-        let h = v.header();
-        let (copies, min) = (h.copies as usize, 1);
-        for index in 0..h.object_count() {
+        let policy = v.policy(true).with_min_copies(1);
+        for index in v.owned_indices() {
             let oid = Oid::data(vid, index);
-            if let Err(e) = replicate(node, WriteKind::Remove, oid, 0, &[], copies, min, true).await {
+            if let Err(e) = replicate(node, WriteKind::Remove, oid, 0, &[], policy).await {
                 tracing::warn!(%oid, error = %e, "could not remove object of deleted VDI");
             }
         }
-        if let Err(e) = replicate(node, WriteKind::Remove, Oid::inode(vid), 0, &[], copies, min, true).await {
+        if let Err(e) = replicate(node, WriteKind::Remove, Oid::inode(vid), 0, &[], policy).await {
             tracing::warn!(vid, error = %e, "could not remove inode of deleted VDI");
         }
     }
@@ -247,7 +248,7 @@ pub async fn resize(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     let req: VdiResizeRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
     let cfg = formatted(node)?;
     let vid = lookup(node, &req.name).await?;
-    let v = open_vdi(node, vid, true).await?;
+    let v = open_vdi(node, vid, Refresh::Header).await?;
     let mut h = v.header();
     check_size(req.size, cfg.object_size)?;
     if req.size < h.size {
@@ -262,7 +263,7 @@ pub async fn object(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     let req: VdiObjectRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
     formatted(node)?;
     let vid = lookup(node, &req.name).await?;
-    let v = open_vdi(node, vid, true).await?;
+    let v = open_vdi(node, vid, Refresh::Header).await?;
     let h = v.header();
     if req.index >= h.object_count() {
         return Err(invalid(format!("index {} is past the last object ({})", req.index, h.object_count().saturating_sub(1))));
@@ -285,7 +286,7 @@ async fn io_target(node: &Node, h: &Header, len: u64) -> Result<std::sync::Arc<g
     if !oid.is_inode() {
         return Err(invalid("VDI I/O must name the VDI's inode oid"));
     }
-    let v = open_vdi(node, oid.vid(), true).await?;
+    let v = open_vdi(node, oid.vid(), Refresh::Header).await?;
     let size = v.header().size;
     if h.offset.checked_add(len).is_none_or(|end| end > size) {
         return Err(PeerError::new(
@@ -303,6 +304,17 @@ pub async fn read(node: &Node, h: &Header) -> Result<Outcome, PeerError> {
 
 pub async fn write(node: &Node, h: &Header, data: Vec<u8>) -> Result<Outcome, PeerError> {
     let v = io_target(node, h, data.len() as u64).await?;
+    // One writer per VDI: a VDI locked by another gateway is written only through it.
+    let vid = v.header().vid;
+    if let Some(lock) = node.driver.lock_get(vid).await.map_err(from_cluster)? {
+        if lock.holder != node.uuid {
+            let addr = node.view().member(lock.holder).map(|m| m.addr.clone()).unwrap_or_else(|| "a node that is gone".into());
+            return Err(PeerError::new(
+                ErrorCode::Locked,
+                format!("VDI '{}' is locked by the gateway at {addr} ({}); write through that node, or `dog vdi lock unlock`", v.header().name, lock.holder),
+            ));
+        }
+    }
     let durable = h.has_flag(proto::frame::FLAG_DURABLE);
     gateway::write(node, &v, h.offset, &data, durable).await?;
     Ok(Outcome::default())
