@@ -1,7 +1,7 @@
 //! `dog cluster ...`
 
 use crate::conn::Sheep;
-use crate::size::{human, parse_size};
+use proto::size::{human, parse_size};
 use anyhow::Result;
 use clap::Subcommand;
 use proto::msg::{ClusterInfoReply, FormatRequest};

@@ -1,7 +1,7 @@
 //! `dog node ...`
 
 use crate::conn::Sheep;
-use crate::size::human;
+use proto::size::human;
 use anyhow::Result;
 use clap::Subcommand;
 use futures::future::join_all;

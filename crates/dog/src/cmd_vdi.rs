@@ -1,7 +1,7 @@
 //! `dog vdi ...`
 
 use crate::conn::Sheep;
-use crate::size::{human, parse_size};
+use proto::size::{human, parse_size};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use futures::stream::{FuturesOrdered, StreamExt};

@@ -5,7 +5,7 @@
 //! `sheep.log`). Nodes run in the background, detached from the terminal.
 
 use crate::conn::Sheep;
-use crate::size::{human, parse_size};
+use proto::size::{human, parse_size};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use proto::msg::{ClusterInfoReply, FormatRequest, NodeInfoReply, VdiCreateRequest, VdiInfo, VdiNameRequest};

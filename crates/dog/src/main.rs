@@ -5,7 +5,7 @@ mod cmd_node;
 mod cmd_vdi;
 mod conn;
 mod local;
-mod size;
+
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

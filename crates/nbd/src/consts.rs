@@ -147,7 +147,7 @@ pub const IN_FLIGHT_BYTES_MIN: usize = 64 * 1024 * 1024;
 /// Most extents sent in one BLOCK_STATUS reply (the protocol allows a prefix).
 pub const BLOCK_STATUS_EXTENTS_MAX: usize = 16 * 1024;
 /// Socket read buffer of a connection.
-pub const READ_BUFFER_BYTES: usize = 256 * 1024;
+pub const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Replies gathered into one vectored write.
 pub const REPLY_BATCH_MAX: usize = 64;
 /// Bytes gathered into one vectored write before it is sent.

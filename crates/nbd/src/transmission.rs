@@ -52,6 +52,17 @@ impl std::fmt::Display for End {
     }
 }
 
+impl From<io::Error> for End {
+    fn from(e: io::Error) -> Self {
+        use io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+        if matches!(e.kind(), UnexpectedEof | ConnectionReset | BrokenPipe) {
+            End::ClientGone
+        } else {
+            End::Io(e)
+        }
+    }
+}
+
 /// Serves requests until the connection ends, then closes the device.
 pub(crate) async fn run<R, W>(
     mut reader: R,
@@ -88,10 +99,8 @@ pub(crate) async fn run<R, W>(
             _ = wait_shutdown(&mut shutdown) => break End::Shutdown,
             read = reader.read_exact(&mut wire) => read,
         };
-        match read {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break End::ClientGone,
-            Err(e) => break End::Io(e),
+        if let Err(e) = read {
+            break End::from(e);
         }
         let header = match RequestHeader::decode(&wire) {
             Ok(header) => header,
@@ -123,12 +132,12 @@ pub(crate) async fn run<R, W>(
             Err(errno) => {
                 if let Payload::Read(n) | Payload::Discard(n) = payload {
                     if let Err(e) = discard(&mut reader, n).await {
-                        break End::Io(e);
+                        break End::from(e);
                     }
                 }
                 let message = format!(
-                    "invalid request (command {}, flags {:#x})",
-                    header.command, header.flags
+                    "request refused: command {}, flags {:#x}, offset {}, length {}",
+                    header.command, header.flags, header.offset, header.length
                 );
                 let body = ReplyBody::Error { errno, message };
                 let reply = Reply {
@@ -143,7 +152,7 @@ pub(crate) async fn run<R, W>(
         let data = match payload {
             Payload::Read(n) => match read_payload(&mut reader, n).await {
                 Ok(data) => data,
-                Err(e) => break End::Io(e),
+                Err(e) => break End::from(e),
             },
             _ => Bytes::new(),
         };
@@ -170,11 +179,16 @@ pub(crate) async fn run<R, W>(
         log_join(finished);
     }
     drop(tx);
-    match tokio::time::timeout(DRAIN_TIMEOUT, writer_task).await {
+    let mut writer_task = writer_task;
+    match tokio::time::timeout(DRAIN_TIMEOUT, &mut writer_task).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => debug!(error = %e, "reply writer failed"),
         Ok(Err(e)) => warn!(error = %e, "reply writer panicked"),
-        Err(_) => warn!("replies not written within the drain timeout"),
+        Err(_) => {
+            // The client stopped reading its replies: give up on them.
+            warn!("replies not written within the drain timeout");
+            writer_task.abort();
+        }
     }
     device.close().await;
 }

@@ -8,6 +8,7 @@ pub mod inode;
 pub mod msg;
 pub mod oid;
 pub mod opcode;
+pub mod size;
 
 pub use error::{ErrorCode, FrameError, PeerError};
 pub use frame::Header;

@@ -1,4 +1,4 @@
-//! Human sizes: `512M`, `10G`, `4096`, `1.5G` are accepted; printed as `256 MiB`.
+//! Human sizes: `512M`, `10G`, `4096`, `1.5G` are accepted; printed as `256 MiB`. No I/O.
 
 /// Parses a size with an optional K/M/G/T/P suffix (powers of 1024; `B`/`iB` allowed).
 pub fn parse_size(s: &str) -> Result<u64, String> {
