@@ -4,7 +4,7 @@ use crate::conn::Sheep;
 use proto::size::{human, parse_size};
 use anyhow::Result;
 use clap::Subcommand;
-use proto::msg::{ClusterInfoReply, FormatRequest};
+use proto::msg::{CheckReply, CheckRequest, ClusterInfoReply, FormatRequest};
 use proto::Opcode;
 
 #[derive(Subcommand)]
@@ -25,6 +25,15 @@ pub enum ClusterCmd {
     },
     /// Stop every node cleanly.
     Shutdown,
+    /// Verify that every object of every VDI has `copies` identical, current replicas on
+    /// the nodes placement names. Exit code 0 only when clean.
+    Check {
+        /// Fix what is wrong (recover missing, stale and diverged copies), then re-check.
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub async fn run(addr: &str, cmd: ClusterCmd) -> Result<()> {
@@ -58,10 +67,40 @@ pub async fn run(addr: &str, cmd: ClusterCmd) -> Result<()> {
                 println!("  {}  {}  zone {}", m.uuid, m.addr, m.zone);
             }
         }
+        ClusterCmd::Check { repair, json } => {
+            let mut r: CheckReply = sheep.json(Opcode::ClusterCheck, &CheckRequest { repair }).await?;
+            if repair && !r.problems.is_empty() {
+                print_check(&r, json)?;
+                eprintln!("re-checking after repair...");
+                r = sheep.json(Opcode::ClusterCheck, &CheckRequest { repair: false }).await?;
+            }
+            print_check(&r, json)?;
+            if !r.problems.is_empty() {
+                anyhow::bail!("{} problem(s) found", r.problems.len());
+            }
+        }
         ClusterCmd::Shutdown => {
             sheep.op(Opcode::ClusterShutdown, &()).await?;
             println!("shutdown requested: every node is leaving the cluster");
         }
     }
+    Ok(())
+}
+
+fn print_check(r: &CheckReply, json: bool) -> Result<()> {
+    if json {
+        return crate::print_json(r);
+    }
+    for p in &r.problems {
+        println!(
+            "{} object {} on {}: {}{}",
+            p.vdi,
+            p.oid,
+            p.node.as_deref().unwrap_or("-"),
+            p.problem,
+            if p.repaired { " (repaired)" } else { "" }
+        );
+    }
+    println!("checked {} object(s): {} problem(s)", r.objects_checked, r.problems.len());
     Ok(())
 }

@@ -190,6 +190,63 @@ pub struct VdiObjectReply {
     pub nodes: Vec<MemberInfo>,
 }
 
+/// Body of RecoveryThrottle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThrottleRequest {
+    /// Bytes per second; 0 removes the limit.
+    pub bytes_per_sec: u64,
+}
+
+/// Body of ClusterCheck.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckRequest {
+    pub repair: bool,
+}
+
+/// One problem `cluster check` found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckProblem {
+    pub vdi: String,
+    pub oid: String,
+    /// The replica's node, when the problem is one replica's.
+    pub node: Option<String>,
+    pub problem: String,
+    pub repaired: bool,
+}
+
+/// Reply to ClusterCheck.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReply {
+    pub objects_checked: u64,
+    pub problems: Vec<CheckProblem>,
+    pub repaired: u64,
+}
+
+/// Progress of this node's recovery, as `dog node recovery` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RecoveryInfo {
+    pub epoch: u32,
+    pub running: bool,
+    pub to_recover: u64,
+    pub recovered: u64,
+    pub failed: u64,
+    /// Bytes recovered this round.
+    pub bytes: u64,
+    /// Bytes recovered since the daemon started.
+    pub bytes_total: u64,
+    /// Seconds spent in recovery rounds since the daemon started.
+    pub busy_secs_total: f64,
+    /// Average rate of this round (bytes per second).
+    pub rate_bps: u64,
+    /// Highest rate of any completed one-second window since start (bytes per second).
+    pub peak_rate_bps: u64,
+    pub throttle_bps: u64,
+    pub pending_handoff: u64,
+    pub unverified: u64,
+    /// The epoch the last round finished at, if any.
+    pub done_epoch: Option<u32>,
+}
+
 /// Encodes a message body.
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     // Serializing these plain structs cannot fail.

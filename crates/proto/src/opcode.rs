@@ -25,6 +25,13 @@ pub enum Opcode {
     MarkStale = 16,
     /// Zero `length` bytes at `offset` (punch a hole).
     PunchObj = 17,
+    /// Every object this node holds, with its version stamp (binary list).
+    ListObjs = 18,
+    /// Stamp and crc32c of the whole object content (reply: `generation`, `epoch`, and
+    /// the crc in `offset`), read with checksums verified.
+    ObjChecksum = 19,
+    /// Make this node's copy of `oid` current now (recover it if missing or stale).
+    RecoverObj = 20,
     /// This node's info (JSON reply).
     NodeInfo = 30,
     /// The cluster's membership, epoch and config (JSON reply).
@@ -55,6 +62,12 @@ pub enum Opcode {
     VdiLockList = 49,
     /// Release a VDI lock (JSON body; `force` breaks a live holder's lock).
     VdiUnlock = 50,
+    /// This node's recovery progress (JSON reply).
+    RecoveryInfo = 60,
+    /// Set this node's recovery rate limit (JSON body).
+    RecoveryThrottle = 61,
+    /// Verify every object of every VDI (JSON body and reply).
+    ClusterCheck = 62,
 }
 
 impl TryFrom<u16> for Opcode {
@@ -72,6 +85,9 @@ impl TryFrom<u16> for Opcode {
             15 => ObjStamp,
             16 => MarkStale,
             17 => PunchObj,
+            18 => ListObjs,
+            19 => ObjChecksum,
+            20 => RecoverObj,
             30 => NodeInfo,
             31 => ClusterInfo,
             32 => ClusterFormat,
@@ -89,6 +105,9 @@ impl TryFrom<u16> for Opcode {
             48 => VdiSet,
             49 => VdiLockList,
             50 => VdiUnlock,
+            60 => RecoveryInfo,
+            61 => RecoveryThrottle,
+            62 => ClusterCheck,
             other => return Err(FrameError::UnknownOpcode(other)),
         })
     }
@@ -106,6 +125,9 @@ impl Opcode {
                 | Opcode::ObjStamp
                 | Opcode::MarkStale
                 | Opcode::PunchObj
+                | Opcode::ListObjs
+                | Opcode::ObjChecksum
+                | Opcode::RecoverObj
         )
     }
 }
@@ -123,6 +145,6 @@ mod tests {
                 known += 1;
             }
         }
-        assert_eq!(known, 26);
+        assert_eq!(known, 32);
     }
 }

@@ -3,8 +3,8 @@
 
 use crate::error::{from_store, invalid};
 use crate::node::Node;
-use crate::{admin, vdi};
-use proto::frame::{FLAG_DURABLE};
+use crate::{admin, recovery, vdi};
+use proto::frame::{FLAG_DURABLE, FLAG_RECOVERY};
 use proto::msg;
 use proto::{ErrorCode, Header, Oid, Opcode, PeerError};
 use store::Stamp;
@@ -58,6 +58,14 @@ pub async fn dispatch(node: &Node, op: Opcode, h: &Header, payload: Vec<u8>) -> 
         Opcode::VdiSet => vdi::set(node, &payload).await,
         Opcode::VdiLockList => vdi::lock_list(node).await,
         Opcode::VdiUnlock => vdi::unlock(node, &payload).await,
+        Opcode::ClusterCheck => crate::check::check(node, &payload).await,
+        Opcode::RecoveryInfo => Ok(Outcome::json(&node.recovery.info())),
+        Opcode::RecoveryThrottle => {
+            let req: msg::ThrottleRequest = msg::decode(&payload).map_err(|e| invalid(e.to_string()))?;
+            node.recovery.throttle.set_rate(req.bytes_per_sec);
+            tracing::info!(bytes_per_sec = req.bytes_per_sec, "recovery throttle set");
+            Ok(Outcome::json(&node.recovery.info()))
+        }
         Opcode::VdiRead => vdi::read(node, h).await,
         Opcode::VdiWrite => vdi::write(node, h, payload).await,
         _ => Err(invalid(format!("opcode {op:?} is not served here"))),
@@ -123,6 +131,22 @@ async fn object_op(node: &Node, op: Opcode, h: &Header, payload: Vec<u8>) -> Res
     if matches!(op, Opcode::WriteObj | Opcode::CreateAndWrite | Opcode::PunchObj | Opcode::RemoveObj) {
         node.check_fence(oid.vid(), h.fence)?;
     }
+    let recovery_read = h.has_flag(FLAG_RECOVERY);
+    match op {
+        // A client read of a copy not yet compared with the cluster's: compare first.
+        Opcode::ReadObj if !recovery_read && node.recovery.is_unverified(oid) => recovery::ensure_current(node, oid).await?,
+        // Writes reach only owners: a missing or unverified copy is recovered first.
+        Opcode::WriteObj | Opcode::PunchObj if node.recovery.is_unverified(oid) || !store.contains(oid) => {
+            recovery::ensure_current(node, oid).await?
+        }
+        _ => {}
+    }
+    // Writes share the object's recovery stripe, so a recovered copy is never installed
+    // over them (recovery holds it exclusively while it replaces a copy).
+    let _shared = match op {
+        Opcode::WriteObj | Opcode::CreateAndWrite | Opcode::PunchObj | Opcode::RemoveObj => Some(node.recovery.stripe(oid).read().await),
+        _ => None,
+    };
     match op {
         Opcode::ReadObj => {
             let data = blocking(move || store.read(oid, offset, length)).await?;
@@ -147,6 +171,20 @@ async fn object_op(node: &Node, op: Opcode, h: &Header, payload: Vec<u8>) -> Res
         Opcode::MarkStale => {
             blocking(move || store.mark_stale(oid)).await?;
             Ok(Outcome::default())
+        }
+        Opcode::ListObjs => Ok(Outcome::data(recovery::encode_list(&recovery::local_list(node).await?))),
+        Opcode::RecoverObj => {
+            recovery::ensure_current(node, oid).await?;
+            Ok(Outcome::default())
+        }
+        Opcode::ObjChecksum => {
+            let size = oid.capacity(store.object_size());
+            let (data, s) = blocking(move || Ok((store.read(oid, 0, size as u32)?, store.stamp(oid)?))).await?;
+            Ok(Outcome {
+                payload: crc32c::crc32c(&data).to_le_bytes().to_vec(),
+                generation: s.generation,
+                epoch: Some(s.epoch),
+            })
         }
         Opcode::ObjStamp => {
             let s = blocking(move || store.stamp(oid)).await?;

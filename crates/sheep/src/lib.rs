@@ -1,12 +1,14 @@
 //! The sheep daemon as a library: the binary in `main.rs` parses options and calls [`run`].
 
 pub mod admin;
+pub mod check;
 pub mod dispatch;
 pub mod error;
 pub mod export;
 pub mod gateway;
 pub mod node;
 pub mod options;
+pub mod recovery;
 pub mod replicate;
 pub mod server;
 pub mod vdi;
@@ -50,6 +52,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     node.apply(m).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(uuid = %node.uuid, listen = %opts.listen, epoch = node.view().epoch(), "sheep joined the cluster");
     node.spawn_follower();
+    recovery::spawn(node.clone());
+    node.recovery.kick();
 
     let server = tokio::spawn(server::serve(node.clone(), listener));
     let nbd_server = match &opts.nbd {

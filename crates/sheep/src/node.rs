@@ -78,6 +78,7 @@ pub struct Node {
     pub pool: Pool,
     pub gateway: Gateway,
     pub exports: crate::export::OpenExports,
+    pub recovery: crate::recovery::Recovery,
     store: RwLock<Option<Arc<ObjectStore>>>,
     /// Serialises opening the store (the follower and request handlers may race to it).
     store_opening: tokio::sync::Mutex<()>,
@@ -100,6 +101,7 @@ impl Node {
         });
         let pool = Pool::new(node_hello(uuid, cluster), accept);
         let (shutdown, _) = watch::channel(false);
+        let recovery = crate::recovery::Recovery::new(opts.recovery_max_rate);
         Arc::new(Node {
             opts,
             uuid,
@@ -107,6 +109,7 @@ impl Node {
             pool,
             gateway: Gateway::default(),
             exports: Default::default(),
+            recovery,
             store: RwLock::new(None),
             store_opening: tokio::sync::Mutex::new(()),
             cluster: shared,
@@ -233,11 +236,16 @@ impl Node {
         };
         let opened = tokio::task::spawn_blocking(move || {
             identity::set_cluster(&dir, stamp)?;
-            ObjectStore::open(store_cfg)
+            let store = ObjectStore::open(store_cfg)?;
+            let present = store.list()?;
+            Ok::<_, store::StoreError>((store, present))
         })
         .await
         .map_err(|e| internal(e.to_string()))?
         .map_err(|e| PeerError::new(ErrorCode::ClusterMismatch, e.to_string()))?;
+        let (opened, present) = opened;
+        // Copies from before this start are not served until compared with the cluster's.
+        self.recovery.distrust(present);
         {
             let mut slot = self.store.write().unwrap_or_else(|p| p.into_inner());
             if slot.is_none() {
@@ -290,6 +298,11 @@ impl Node {
         }
         self.mark_not_serving();
         tracing::warn!(alive, member, "lost membership; rejoining");
+        if let Some(store) = self.store() {
+            if let Ok(Ok(present)) = tokio::task::spawn_blocking(move || store.list()).await {
+                self.recovery.distrust(present);
+            }
+        }
         match self.driver.join(self.info()).await {
             Ok(m) => {
                 if let Err(e) = self.apply(m).await {

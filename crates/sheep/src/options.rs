@@ -41,6 +41,11 @@ pub struct Options {
     #[arg(long)]
     pub nbd: Option<String>,
 
+    /// Recovery rate limit in bytes per second (e.g. 50M); 0 for none. Changeable at run
+    /// time with `dog node recovery set-throttle`.
+    #[arg(long, default_value = "0", value_parser = proto::size::parse_size)]
+    pub recovery_max_rate: u64,
+
     /// TEST ONLY: keep unsynced writes apart so a simulated power cut drops them.
     #[arg(long, hide = true)]
     pub fault_injection: bool,
