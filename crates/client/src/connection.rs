@@ -67,14 +67,20 @@ impl Connection {
             source,
         };
         let hs = async {
-            write_frame(&mut wr, Header::request(Opcode::Hello, 0, 0), &msg::encode(hello))
-                .await
-                .map_err(io_err)?;
+            write_frame(
+                &mut wr,
+                Header::request(Opcode::Hello, 0, 0),
+                &msg::encode(hello),
+            )
+            .await
+            .map_err(io_err)?;
             wr.flush().await.map_err(io_err)?;
-            read_frame(&mut rd).await.map_err(|e| ClientError::Handshake {
-                addr: addr.to_string(),
-                reason: e.to_string(),
-            })
+            read_frame(&mut rd)
+                .await
+                .map_err(|e| ClientError::Handshake {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })
         };
         let (h, body) = tokio::time::timeout(CONNECT_TIMEOUT, hs)
             .await
@@ -172,7 +178,11 @@ impl Connection {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
-        let _slot = self.slots.acquire().await.map_err(|_| self.disconnected())?;
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| self.disconnected())?;
         if !self.is_alive() {
             return Err(self.disconnected());
         }

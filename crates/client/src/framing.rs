@@ -17,11 +17,15 @@ pub enum FrameReadError {
 }
 
 /// Reads one frame. `Closed` when the peer closed cleanly between frames.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Header, Vec<u8>), FrameReadError> {
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<(Header, Vec<u8>), FrameReadError> {
     let mut hb = [0u8; HEADER_LEN];
     match r.read_exact(&mut hb).await {
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameReadError::Closed),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(FrameReadError::Closed)
+        }
         Err(e) => return Err(e.into()),
     }
     let header = Header::decode(&hb)?;

@@ -1,10 +1,10 @@
 //! `dog cluster ...`
 
 use crate::conn::Sheep;
-use proto::size::{human, parse_size};
 use anyhow::Result;
 use clap::Subcommand;
 use proto::msg::{CheckReply, CheckRequest, ClusterInfoReply, FormatRequest};
+use proto::size::{human, parse_size};
 use proto::Opcode;
 
 #[derive(Subcommand)]
@@ -39,9 +39,21 @@ pub enum ClusterCmd {
 pub async fn run(addr: &str, cmd: ClusterCmd) -> Result<()> {
     let sheep = Sheep::connect(addr).await?;
     match cmd {
-        ClusterCmd::Format { copies, object_size } => {
-            let object_size = u32::try_from(object_size).map_err(|_| anyhow::anyhow!("object size too large"))?;
-            let info: ClusterInfoReply = sheep.json(Opcode::ClusterFormat, &FormatRequest { copies, object_size }).await?;
+        ClusterCmd::Format {
+            copies,
+            object_size,
+        } => {
+            let object_size =
+                u32::try_from(object_size).map_err(|_| anyhow::anyhow!("object size too large"))?;
+            let info: ClusterInfoReply = sheep
+                .json(
+                    Opcode::ClusterFormat,
+                    &FormatRequest {
+                        copies,
+                        object_size,
+                    },
+                )
+                .await?;
             println!(
                 "formatted: {} copies, {} objects, {} node(s), epoch {}",
                 copies,
@@ -68,11 +80,15 @@ pub async fn run(addr: &str, cmd: ClusterCmd) -> Result<()> {
             }
         }
         ClusterCmd::Check { repair, json } => {
-            let mut r: CheckReply = sheep.json(Opcode::ClusterCheck, &CheckRequest { repair }).await?;
+            let mut r: CheckReply = sheep
+                .json(Opcode::ClusterCheck, &CheckRequest { repair })
+                .await?;
             if repair && !r.problems.is_empty() {
                 print_check(&r, json)?;
                 eprintln!("re-checking after repair...");
-                r = sheep.json(Opcode::ClusterCheck, &CheckRequest { repair: false }).await?;
+                r = sheep
+                    .json(Opcode::ClusterCheck, &CheckRequest { repair: false })
+                    .await?;
             }
             print_check(&r, json)?;
             if !r.problems.is_empty() {
@@ -101,6 +117,10 @@ fn print_check(r: &CheckReply, json: bool) -> Result<()> {
             if p.repaired { " (repaired)" } else { "" }
         );
     }
-    println!("checked {} object(s): {} problem(s)", r.objects_checked, r.problems.len());
+    println!(
+        "checked {} object(s): {} problem(s)",
+        r.objects_checked,
+        r.problems.len()
+    );
     Ok(())
 }

@@ -1,14 +1,14 @@
 //! `dog node ...`
 
 use crate::conn::Sheep;
-use proto::size::human;
 use anyhow::Result;
 use clap::Subcommand;
 use futures::future::join_all;
 use proto::msg::{ClusterInfoReply, MemberInfo, NodeInfoReply, RecoveryInfo, ThrottleRequest};
+use proto::size::human;
+use proto::Opcode;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
-use proto::Opcode;
 
 #[derive(Subcommand)]
 pub enum RecoveryAction {
@@ -53,7 +53,10 @@ pub enum NodeCmd {
 }
 
 async fn node_info(addr: &str) -> Result<NodeInfoReply> {
-    Sheep::connect(addr).await?.json(Opcode::NodeInfo, &()).await
+    Sheep::connect(addr)
+        .await?
+        .json(Opcode::NodeInfo, &())
+        .await
 }
 
 pub async fn run(addr: &str, cmd: NodeCmd) -> Result<()> {
@@ -64,7 +67,10 @@ pub async fn run(addr: &str, cmd: NodeCmd) -> Result<()> {
             if json {
                 return crate::print_json(&info.members);
             }
-            println!("{:<3} {:<36} {:<21} {:>5} {:>6}  nbd", "Id", "UUID", "Address", "Zone", "Vnodes");
+            println!(
+                "{:<3} {:<36} {:<21} {:>5} {:>6}  nbd",
+                "Id", "UUID", "Address", "Zone", "Vnodes"
+            );
             for (i, m) in info.members.iter().enumerate() {
                 println!(
                     "{:<3} {:<36} {:<21} {:>5} {:>6}  {}",
@@ -91,11 +97,23 @@ pub async fn run(addr: &str, cmd: NodeCmd) -> Result<()> {
                 .into_iter()
                 .collect::<Result<_>>()?;
             if json {
-                return if all { crate::print_json(&infos) } else { crate::print_json(&infos[0]) };
+                return if all {
+                    crate::print_json(&infos)
+                } else {
+                    crate::print_json(&infos[0])
+                };
             }
             for n in infos {
                 println!("Node {} at {}", n.uuid, n.addr);
-                println!("  epoch {}, {}", n.epoch, if n.serving { "serving" } else { "NOT serving (fenced)" });
+                println!(
+                    "  epoch {}, {}",
+                    n.epoch,
+                    if n.serving {
+                        "serving"
+                    } else {
+                        "NOT serving (fenced)"
+                    }
+                );
                 println!("  zone {}, vnodes {}", n.zone, n.vnodes);
                 println!("  objects {}, used {}", n.objects, human(n.used_bytes));
                 println!("  syncs {}", n.sync_count);
@@ -104,17 +122,43 @@ pub async fn run(addr: &str, cmd: NodeCmd) -> Result<()> {
                 }
             }
         }
-        NodeCmd::Recovery { action: Some(RecoveryAction::SetThrottle { rate }), .. } => {
+        NodeCmd::Recovery {
+            action: Some(RecoveryAction::SetThrottle { rate }),
+            ..
+        } => {
             let members = members(addr).await?;
             for m in &members {
-                let _: RecoveryInfo = Sheep::connect(&m.addr).await?.json(Opcode::RecoveryThrottle, &ThrottleRequest { bytes_per_sec: rate }).await?;
+                let _: RecoveryInfo = Sheep::connect(&m.addr)
+                    .await?
+                    .json(
+                        Opcode::RecoveryThrottle,
+                        &ThrottleRequest {
+                            bytes_per_sec: rate,
+                        },
+                    )
+                    .await?;
             }
-            let what = if rate == 0 { "no limit".to_string() } else { format!("{}/s", human(rate)) };
-            println!("recovery throttle set to {what} on {} node(s)", members.len());
+            let what = if rate == 0 {
+                "no limit".to_string()
+            } else {
+                format!("{}/s", human(rate))
+            };
+            println!(
+                "recovery throttle set to {what} on {} node(s)",
+                members.len()
+            );
         }
-        NodeCmd::Recovery { action: None, wait, json, timeout } => recovery(addr, wait, json, timeout).await?,
+        NodeCmd::Recovery {
+            action: None,
+            wait,
+            json,
+            timeout,
+        } => recovery(addr, wait, json, timeout).await?,
         NodeCmd::PowerCut => {
-            Sheep::connect(addr).await?.op(Opcode::DebugPowerCut, &()).await?;
+            Sheep::connect(addr)
+                .await?
+                .op(Opcode::DebugPowerCut, &())
+                .await?;
             println!("power cut simulated at {addr}");
         }
     }
@@ -122,14 +166,26 @@ pub async fn run(addr: &str, cmd: NodeCmd) -> Result<()> {
 }
 
 async fn members(addr: &str) -> Result<Vec<MemberInfo>> {
-    let info: ClusterInfoReply = Sheep::connect(addr).await?.json(Opcode::ClusterInfo, &()).await?;
+    let info: ClusterInfoReply = Sheep::connect(addr)
+        .await?
+        .json(Opcode::ClusterInfo, &())
+        .await?;
     Ok(info.members)
 }
 
 /// Every member's recovery state at the current epoch.
 async fn recovery_states(addr: &str) -> Result<(u32, Vec<(MemberInfo, Result<RecoveryInfo>)>)> {
-    let info: ClusterInfoReply = Sheep::connect(addr).await?.json(Opcode::ClusterInfo, &()).await?;
-    let states = join_all(info.members.iter().map(|m| async move { Sheep::connect(&m.addr).await?.json::<_, RecoveryInfo>(Opcode::RecoveryInfo, &()).await })).await;
+    let info: ClusterInfoReply = Sheep::connect(addr)
+        .await?
+        .json(Opcode::ClusterInfo, &())
+        .await?;
+    let states = join_all(info.members.iter().map(|m| async move {
+        Sheep::connect(&m.addr)
+            .await?
+            .json::<_, RecoveryInfo>(Opcode::RecoveryInfo, &())
+            .await
+    }))
+    .await;
     Ok((info.epoch, info.members.into_iter().zip(states).collect()))
 }
 
@@ -139,12 +195,18 @@ fn is_done(epoch: u32, r: &RecoveryInfo) -> bool {
 
 async fn recovery(addr: &str, wait: bool, json: bool, timeout: u64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(timeout);
-    let bar = (wait && !json && std::io::stderr().is_terminal()).then(|| indicatif::ProgressBar::new(0));
+    let bar =
+        (wait && !json && std::io::stderr().is_terminal()).then(|| indicatif::ProgressBar::new(0));
     loop {
         let (epoch, states) = recovery_states(addr).await?;
-        let done = states.iter().all(|(_, r)| r.as_ref().is_ok_and(|r| is_done(epoch, r)));
+        let done = states
+            .iter()
+            .all(|(_, r)| r.as_ref().is_ok_and(|r| is_done(epoch, r)));
         if let Some(b) = &bar {
-            let (total, finished) = states.iter().filter_map(|(_, r)| r.as_ref().ok()).fold((0, 0), |a, r| (a.0 + r.to_recover, a.1 + r.recovered));
+            let (total, finished) = states
+                .iter()
+                .filter_map(|(_, r)| r.as_ref().ok())
+                .fold((0, 0), |a, r| (a.0 + r.to_recover, a.1 + r.recovered));
             b.set_length(total.max(1));
             b.set_position(finished);
             b.set_message(format!("epoch {epoch}"));
@@ -155,21 +217,43 @@ async fn recovery(addr: &str, wait: bool, json: bool, timeout: u64) -> Result<()
             }
             if json {
                 let v: Vec<_> = states.iter().map(|(m, r)| serde_json::json!({"addr": m.addr, "uuid": m.uuid, "recovery": r.as_ref().ok()})).collect();
-                return crate::print_json(&serde_json::json!({"epoch": epoch, "done": done, "nodes": v}));
+                return crate::print_json(
+                    &serde_json::json!({"epoch": epoch, "done": done, "nodes": v}),
+                );
             }
-            println!("epoch {epoch}: {}", if done { "fully recovered" } else { "recovering" });
-            println!("{:<21} {:>8} {:>10} {:>8} {:>7} {:>12} {:>12} {:>9}", "Node", "State", "To recover", "Done", "Failed", "Rate", "Throttle", "Handoff");
+            println!(
+                "epoch {epoch}: {}",
+                if done {
+                    "fully recovered"
+                } else {
+                    "recovering"
+                }
+            );
+            println!(
+                "{:<21} {:>8} {:>10} {:>8} {:>7} {:>12} {:>12} {:>9}",
+                "Node", "State", "To recover", "Done", "Failed", "Rate", "Throttle", "Handoff"
+            );
             for (m, r) in &states {
                 match r {
                     Ok(r) => println!(
                         "{:<21} {:>8} {:>10} {:>8} {:>7} {:>10}/s {:>12} {:>9}",
                         m.addr,
-                        if r.running { "running" } else if is_done(epoch, r) { "done" } else { "pending" },
+                        if r.running {
+                            "running"
+                        } else if is_done(epoch, r) {
+                            "done"
+                        } else {
+                            "pending"
+                        },
                         r.to_recover,
                         r.recovered,
                         r.failed,
                         human(r.rate_bps),
-                        if r.throttle_bps == 0 { "none".to_string() } else { format!("{}/s", human(r.throttle_bps)) },
+                        if r.throttle_bps == 0 {
+                            "none".to_string()
+                        } else {
+                            format!("{}/s", human(r.throttle_bps))
+                        },
                         r.pending_handoff
                     ),
                     Err(e) => println!("{:<21} unreachable: {e}", m.addr),

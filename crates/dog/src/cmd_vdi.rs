@@ -1,15 +1,15 @@
 //! `dog vdi ...`
 
 use crate::conn::Sheep;
-use proto::size::{human, parse_size};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use futures::stream::{FuturesOrdered, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use proto::msg::{
-    VdiCreateRequest, VdiInfo, VdiListReply, VdiLockListReply, VdiNameRequest, VdiObjectReply, VdiObjectRequest, VdiResizeRequest, VdiSetRequest,
-    VdiUnlockRequest,
+    VdiCreateRequest, VdiInfo, VdiListReply, VdiLockListReply, VdiNameRequest, VdiObjectReply,
+    VdiObjectRequest, VdiResizeRequest, VdiSetRequest, VdiUnlockRequest,
 };
+use proto::size::{human, parse_size};
 use proto::{Header, Oid, Opcode};
 use std::io::{IsTerminal, Read, Write};
 
@@ -53,7 +53,11 @@ pub enum VdiCmd {
         cache_mode: Option<String>,
     },
     /// Change a VDI setting: `cache MODE` (none, writethrough, writeback).
-    Set { name: String, key: String, value: String },
+    Set {
+        name: String,
+        key: String,
+        value: String,
+    },
     /// VDI locks (one writer per VDI).
     #[command(subcommand)]
     Lock(LockCmd),
@@ -101,8 +105,20 @@ pub enum VdiCmd {
 pub async fn run(addr: &str, cmd: VdiCmd) -> Result<()> {
     let sheep = Sheep::connect(addr).await?;
     match cmd {
-        VdiCmd::Create { name, size, copies, min_copies, cache_mode } => {
-            let req = VdiCreateRequest { name, size, copies, min_copies, cache_mode };
+        VdiCmd::Create {
+            name,
+            size,
+            copies,
+            min_copies,
+            cache_mode,
+        } => {
+            let req = VdiCreateRequest {
+                name,
+                size,
+                copies,
+                min_copies,
+                cache_mode,
+            };
             let v: VdiInfo = sheep.json(Opcode::VdiCreate, &req).await?;
             println!(
                 "created VDI '{}' ({}, vid {:#x}, {} copies, min {}, cache {})",
@@ -115,21 +131,51 @@ pub async fn run(addr: &str, cmd: VdiCmd) -> Result<()> {
             );
         }
         VdiCmd::Set { name, key, value } => {
-            let v: VdiInfo = sheep.json(Opcode::VdiSet, &VdiSetRequest { name, key: key.clone(), value: value.clone() }).await?;
-            println!("VDI '{}': {key} = {value} (applies to NBD connections opened from now on)", v.name);
+            let v: VdiInfo = sheep
+                .json(
+                    Opcode::VdiSet,
+                    &VdiSetRequest {
+                        name,
+                        key: key.clone(),
+                        value: value.clone(),
+                    },
+                )
+                .await?;
+            println!(
+                "VDI '{}': {key} = {value} (applies to NBD connections opened from now on)",
+                v.name
+            );
         }
         VdiCmd::Lock(LockCmd::List { json }) => {
             let l: VdiLockListReply = sheep.json(Opcode::VdiLockList, &()).await?;
             if json {
                 return crate::print_json(&l.locks);
             }
-            println!("{:<24} {:>8} {:<36} {:<21} {:>10}", "Name", "Vid", "Holder", "Address", "Generation");
+            println!(
+                "{:<24} {:>8} {:<36} {:<21} {:>10}",
+                "Name", "Vid", "Holder", "Address", "Generation"
+            );
             for k in &l.locks {
-                println!("{:<24} {:>8x} {:<36} {:<21} {:>10}", k.name, k.vid, k.holder, k.holder_addr.as_deref().unwrap_or("(gone)"), k.generation);
+                println!(
+                    "{:<24} {:>8x} {:<36} {:<21} {:>10}",
+                    k.name,
+                    k.vid,
+                    k.holder,
+                    k.holder_addr.as_deref().unwrap_or("(gone)"),
+                    k.generation
+                );
             }
         }
         VdiCmd::Lock(LockCmd::Unlock { name, force }) => {
-            sheep.op(Opcode::VdiUnlock, &VdiUnlockRequest { name: name.clone(), force }).await?;
+            sheep
+                .op(
+                    Opcode::VdiUnlock,
+                    &VdiUnlockRequest {
+                        name: name.clone(),
+                        force,
+                    },
+                )
+                .await?;
             println!("unlocked VDI '{name}'");
         }
         VdiCmd::List { json } => {
@@ -137,7 +183,10 @@ pub async fn run(addr: &str, cmd: VdiCmd) -> Result<()> {
             if json {
                 return crate::print_json(&l.vdis);
             }
-            println!("{:<24} {:>8} {:>10} {:>10} {:>7}  Cache", "Name", "Vid", "Size", "Used", "Copies");
+            println!(
+                "{:<24} {:>8} {:>10} {:>10} {:>7}  Cache",
+                "Name", "Vid", "Size", "Used", "Copies"
+            );
             for v in &l.vdis {
                 let used = v.allocated_objects * v.object_size as u64;
                 println!(
@@ -153,21 +202,41 @@ pub async fn run(addr: &str, cmd: VdiCmd) -> Result<()> {
             }
         }
         VdiCmd::Delete { name } => {
-            sheep.op(Opcode::VdiDelete, &VdiNameRequest { name: name.clone() }).await?;
+            sheep
+                .op(Opcode::VdiDelete, &VdiNameRequest { name: name.clone() })
+                .await?;
             println!("deleted VDI '{name}'");
         }
         VdiCmd::Resize { name, size } => {
-            let v: VdiInfo = sheep.json(Opcode::VdiResize, &VdiResizeRequest { name, size }).await?;
+            let v: VdiInfo = sheep
+                .json(Opcode::VdiResize, &VdiResizeRequest { name, size })
+                .await?;
             println!("resized VDI '{}' to {}", v.name, human(v.size));
         }
         VdiCmd::Read { name, offset, len } => read(&sheep, &name, offset.unwrap_or(0), len).await?,
-        VdiCmd::Write { name, offset, len, durable } => write(&sheep, &name, offset.unwrap_or(0), len, durable).await?,
+        VdiCmd::Write {
+            name,
+            offset,
+            len,
+            durable,
+        } => write(&sheep, &name, offset.unwrap_or(0), len, durable).await?,
         VdiCmd::Object { name, index, json } => {
-            let o: VdiObjectReply = sheep.json(Opcode::VdiObject, &VdiObjectRequest { name, index }).await?;
+            let o: VdiObjectReply = sheep
+                .json(Opcode::VdiObject, &VdiObjectRequest { name, index })
+                .await?;
             if json {
                 return crate::print_json(&o);
             }
-            println!("oid {} (index {}, {})", o.oid, o.index, if o.owner_vid == 0 { "never written".to_string() } else { format!("owned by vid {:#x}", o.owner_vid) });
+            println!(
+                "oid {} (index {}, {})",
+                o.oid,
+                o.index,
+                if o.owner_vid == 0 {
+                    "never written".to_string()
+                } else {
+                    format!("owned by vid {:#x}", o.owner_vid)
+                }
+            );
             for n in &o.nodes {
                 println!("  {}  {}  zone {}", n.uuid, n.addr, n.zone);
             }
@@ -177,7 +246,14 @@ pub async fn run(addr: &str, cmd: VdiCmd) -> Result<()> {
 }
 
 async fn vdi_info(sheep: &Sheep, name: &str) -> Result<VdiInfo> {
-    sheep.json(Opcode::VdiInfo, &VdiNameRequest { name: name.to_string() }).await
+    sheep
+        .json(
+            Opcode::VdiInfo,
+            &VdiNameRequest {
+                name: name.to_string(),
+            },
+        )
+        .await
 }
 
 fn progress(len: u64) -> Option<ProgressBar> {
@@ -185,7 +261,9 @@ fn progress(len: u64) -> Option<ProgressBar> {
         return None;
     }
     let pb = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+    {
         pb.set_style(style);
     }
     Some(pb)
@@ -205,11 +283,17 @@ fn io_header(op: Opcode, vid: u32, offset: u64, len: u64, durable: bool) -> Head
 async fn read(sheep: &Sheep, name: &str, offset: u64, len: Option<u64>) -> Result<()> {
     let v = vdi_info(sheep, name).await?;
     if offset > v.size {
-        bail!("offset {offset} is past the end of '{name}' ({} bytes)", v.size);
+        bail!(
+            "offset {offset} is past the end of '{name}' ({} bytes)",
+            v.size
+        );
     }
     let len = len.unwrap_or(v.size - offset);
     if offset + len > v.size {
-        bail!("range {offset}+{len} is past the end of '{name}' ({} bytes)", v.size);
+        bail!(
+            "range {offset}+{len} is past the end of '{name}' ({} bytes)",
+            v.size
+        );
     }
     let pb = progress(len);
     let mut out = std::io::stdout().lock();
@@ -219,10 +303,14 @@ async fn read(sheep: &Sheep, name: &str, offset: u64, len: Option<u64>) -> Resul
     loop {
         while pos < end && inflight.len() < IO_DEPTH {
             let n = IO_CHUNK.min(end - pos);
-            inflight.push_back(sheep.call(io_header(Opcode::VdiRead, v.vid, pos, n, false), Vec::new()));
+            inflight.push_back(
+                sheep.call(io_header(Opcode::VdiRead, v.vid, pos, n, false), Vec::new()),
+            );
             pos += n;
         }
-        let Some(r) = inflight.next().await else { break };
+        let Some(r) = inflight.next().await else {
+            break;
+        };
         let (_, data) = r.with_context(|| format!("reading '{name}'"))?;
         out.write_all(&data).context("writing to stdout")?;
         if let Some(pb) = &pb {
@@ -253,14 +341,26 @@ fn read_stdin(want: usize) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-async fn write(sheep: &Sheep, name: &str, offset: u64, len: Option<u64>, durable: bool) -> Result<()> {
+async fn write(
+    sheep: &Sheep,
+    name: &str,
+    offset: u64,
+    len: Option<u64>,
+    durable: bool,
+) -> Result<()> {
     let v = vdi_info(sheep, name).await?;
     if offset > v.size {
-        bail!("offset {offset} is past the end of '{name}' ({} bytes)", v.size);
+        bail!(
+            "offset {offset} is past the end of '{name}' ({} bytes)",
+            v.size
+        );
     }
     let limit = len.unwrap_or(v.size - offset);
     if offset + limit > v.size {
-        bail!("range {offset}+{limit} is past the end of '{name}' ({} bytes)", v.size);
+        bail!(
+            "range {offset}+{limit} is past the end of '{name}' ({} bytes)",
+            v.size
+        );
     }
     let pb = progress(limit);
     let mut inflight = FuturesOrdered::new();
@@ -278,10 +378,13 @@ async fn write(sheep: &Sheep, name: &str, offset: u64, len: Option<u64>, durable
                 break;
             }
             let n = data.len() as u64;
-            inflight.push_back(sheep.call(io_header(Opcode::VdiWrite, v.vid, pos, n, durable), data));
+            inflight
+                .push_back(sheep.call(io_header(Opcode::VdiWrite, v.vid, pos, n, durable), data));
             pos += n;
         }
-        let Some(r) = inflight.next().await else { break };
+        let Some(r) = inflight.next().await else {
+            break;
+        };
         r.with_context(|| format!("writing '{name}'"))?;
         if let Some(pb) = &pb {
             pb.inc(IO_CHUNK);

@@ -49,13 +49,21 @@ impl Sheep {
     }
 
     /// A control call with a JSON body and a JSON reply.
-    pub async fn json<Req: Serialize, Rep: DeserializeOwned>(&self, op: Opcode, req: &Req) -> Result<Rep> {
-        let (_, body) = self.call(Header::request(op, 0, 0), msg::encode(req)).await?;
+    pub async fn json<Req: Serialize, Rep: DeserializeOwned>(
+        &self,
+        op: Opcode,
+        req: &Req,
+    ) -> Result<Rep> {
+        let (_, body) = self
+            .call(Header::request(op, 0, 0), msg::encode(req))
+            .await?;
         msg::decode(&body).map_err(|e| anyhow!("bad reply from {}: {e}", self.addr))
     }
 
     /// A control call whose reply is empty.
     pub async fn op<Req: Serialize>(&self, op: Opcode, req: &Req) -> Result<()> {
-        self.call(Header::request(op, 0, 0), msg::encode(req)).await.map(|_| ())
+        self.call(Header::request(op, 0, 0), msg::encode(req))
+            .await
+            .map(|_| ())
     }
 }

@@ -5,10 +5,12 @@
 //! `sheep.log`). Nodes run in the background, detached from the terminal.
 
 use crate::conn::Sheep;
-use proto::size::{human, parse_size};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
-use proto::msg::{ClusterInfoReply, FormatRequest, NodeInfoReply, VdiCreateRequest, VdiInfo, VdiNameRequest};
+use proto::msg::{
+    ClusterInfoReply, FormatRequest, NodeInfoReply, VdiCreateRequest, VdiInfo, VdiNameRequest,
+};
+use proto::size::{human, parse_size};
 use proto::Opcode;
 use serde::{Deserialize, Serialize};
 use std::os::unix::process::CommandExt;
@@ -105,7 +107,8 @@ fn node_dir(dir: &Path, i: u32) -> PathBuf {
 
 fn load_config(dir: &Path) -> Result<LocalConfig> {
     let p = dir.join("local.json");
-    let b = std::fs::read(&p).with_context(|| format!("no local cluster at {} (run `dog local up`)", dir.display()))?;
+    let b = std::fs::read(&p)
+        .with_context(|| format!("no local cluster at {} (run `dog local up`)", dir.display()))?;
     serde_json::from_slice(&b).with_context(|| format!("bad {}", p.display()))
 }
 
@@ -127,7 +130,10 @@ fn running_pid(dir: &Path, i: u32) -> Option<i32> {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // A zombie (state Z) has exited already.
-    let zombie = stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'));
+    let zombie = stat
+        .rsplit(')')
+        .next()
+        .is_some_and(|rest| rest.trim_start().starts_with('Z'));
     let is_sheep = String::from_utf8_lossy(&cmdline).contains("sheep");
     (is_sheep && !zombie).then_some(pid)
 }
@@ -138,7 +144,10 @@ fn spawn_node(dir: &Path, cfg: &LocalConfig, i: u32) -> Result<()> {
     }
     let nd = node_dir(dir, i);
     std::fs::create_dir_all(&nd)?;
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(nd.join("sheep.log"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(nd.join("sheep.log"))?;
     let mut cmd = std::process::Command::new(sheep_binary());
     cmd.arg("--dir")
         .arg(&nd)
@@ -157,7 +166,9 @@ fn spawn_node(dir: &Path, cfg: &LocalConfig, i: u32) -> Result<()> {
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
-    let child = cmd.spawn().with_context(|| format!("starting {}", sheep_binary().display()))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", sheep_binary().display()))?;
     std::fs::write(nd.join("sheep.pid"), child.id().to_string())?;
     Ok(())
 }
@@ -176,10 +187,16 @@ async fn wait_serving(dir: &Path, cfg: &LocalConfig, i: u32) -> Result<NodeInfoR
             Err(e) => e.to_string(),
         };
         if running_pid(dir, i).is_none() {
-            bail!("node {i} exited; see {}", node_dir(dir, i).join("sheep.log").display());
+            bail!(
+                "node {i} exited; see {}",
+                node_dir(dir, i).join("sheep.log").display()
+            );
         }
         if Instant::now() > deadline {
-            bail!("node {i} at {addr} did not come up within {} s: {last}", START_TIMEOUT.as_secs());
+            bail!(
+                "node {i} at {addr} did not come up within {} s: {last}",
+                START_TIMEOUT.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -187,7 +204,18 @@ async fn wait_serving(dir: &Path, cfg: &LocalConfig, i: u32) -> Result<NodeInfoR
 
 pub async fn run(cmd: LocalCmd) -> Result<()> {
     match cmd {
-        LocalCmd::Up { dir, nodes, copies, port, nbd_port, demo_size, no_demo, no_format, object_size, fault_injection } => {
+        LocalCmd::Up {
+            dir,
+            nodes,
+            copies,
+            port,
+            nbd_port,
+            demo_size,
+            no_demo,
+            no_format,
+            object_size,
+            fault_injection,
+        } => {
             let no_demo = no_demo || no_format;
             let dir = dir.dir;
             if nodes == 0 {
@@ -203,7 +231,12 @@ pub async fn run(cmd: LocalCmd) -> Result<()> {
                     bail!("a local cluster is already running in {} (node {i}); `dog local down --dir {}` first", dir.display(), dir.display());
                 }
             }
-            let cfg = LocalConfig { nodes, port, nbd_port, fault_injection };
+            let cfg = LocalConfig {
+                nodes,
+                port,
+                nbd_port,
+                fault_injection,
+            };
             std::fs::write(dir.join("local.json"), serde_json::to_vec_pretty(&cfg)?)?;
             for i in 0..nodes {
                 spawn_node(&dir, &cfg, i)?;
@@ -214,32 +247,69 @@ pub async fn run(cmd: LocalCmd) -> Result<()> {
             let sheep = Sheep::connect(&cfg.peer_addr(0)).await?;
             let info: ClusterInfoReply = sheep.json(Opcode::ClusterInfo, &()).await?;
             if info.config.is_none() && !no_format {
-                let object_size = u32::try_from(object_size).map_err(|_| anyhow!("object size too large"))?;
-                let _: ClusterInfoReply = sheep.json(Opcode::ClusterFormat, &FormatRequest { copies, object_size }).await?;
+                let object_size =
+                    u32::try_from(object_size).map_err(|_| anyhow!("object size too large"))?;
+                let _: ClusterInfoReply = sheep
+                    .json(
+                        Opcode::ClusterFormat,
+                        &FormatRequest {
+                            copies,
+                            object_size,
+                        },
+                    )
+                    .await?;
             }
             if !no_demo {
-                let req = VdiCreateRequest { name: DEMO_VDI.into(), size: demo_size, copies: None, min_copies: None, cache_mode: None };
+                let req = VdiCreateRequest {
+                    name: DEMO_VDI.into(),
+                    size: demo_size,
+                    copies: None,
+                    min_copies: None,
+                    cache_mode: None,
+                };
                 match sheep.json::<_, VdiInfo>(Opcode::VdiCreate, &req).await {
                     Ok(_) => {}
                     Err(e) if e.to_string().contains("exists") => {}
                     Err(e) => return Err(e),
                 }
-                let _: VdiInfo = sheep.json(Opcode::VdiInfo, &VdiNameRequest { name: DEMO_VDI.into() }).await?;
+                let _: VdiInfo = sheep
+                    .json(
+                        Opcode::VdiInfo,
+                        &VdiNameRequest {
+                            name: DEMO_VDI.into(),
+                        },
+                    )
+                    .await?;
             }
             if no_format {
-                println!("local cluster up in {}: {nodes} node(s), not formatted (dog cluster format)", dir.display());
+                println!(
+                    "local cluster up in {}: {nodes} node(s), not formatted (dog cluster format)",
+                    dir.display()
+                );
             } else {
-                println!("local cluster up in {}: {nodes} node(s), {copies} copies", dir.display());
+                println!(
+                    "local cluster up in {}: {nodes} node(s), {copies} copies",
+                    dir.display()
+                );
             }
             for i in 0..nodes {
-                println!("  node {i}: dog -a {}   nbd {}", cfg.peer_addr(i), cfg.nbd_addr(i));
+                println!(
+                    "  node {i}: dog -a {}   nbd {}",
+                    cfg.peer_addr(i),
+                    cfg.nbd_addr(i)
+                );
             }
             if !no_demo {
                 let url = format!("nbd://{}/{DEMO_VDI}", cfg.nbd_addr(0));
                 println!("demo VDI '{DEMO_VDI}' ({}): {url}", human(demo_size));
-                println!("try:  qemu-io -f raw {url} -c 'write -P 0xab 0 4M' -c 'read -P 0xab 0 4M'");
+                println!(
+                    "try:  qemu-io -f raw {url} -c 'write -P 0xab 0 4M' -c 'read -P 0xab 0 4M'"
+                );
             }
-            println!("next: dog node list; dog vdi list; dog local down --dir {}", dir.display());
+            println!(
+                "next: dog node list; dog vdi list; dog local down --dir {}",
+                dir.display()
+            );
         }
         LocalCmd::Down { dir } => {
             let dir = dir.dir;
@@ -267,9 +337,13 @@ pub async fn run(cmd: LocalCmd) -> Result<()> {
             let dir = dir.dir;
             let cfg = load_config(&dir)?;
             if index >= cfg.nodes {
-                bail!("no node {index}: the local cluster has {} node(s)", cfg.nodes);
+                bail!(
+                    "no node {index}: the local cluster has {} node(s)",
+                    cfg.nodes
+                );
             }
-            let pid = running_pid(&dir, index).ok_or_else(|| anyhow!("node {index} is not running"))?;
+            let pid =
+                running_pid(&dir, index).ok_or_else(|| anyhow!("node {index} is not running"))?;
             unsafe { libc::kill(pid, libc::SIGKILL) };
             let deadline = Instant::now() + Duration::from_secs(5);
             while running_pid(&dir, index).is_some() && Instant::now() < deadline {
@@ -281,11 +355,18 @@ pub async fn run(cmd: LocalCmd) -> Result<()> {
             let dir = dir.dir;
             let cfg = load_config(&dir)?;
             if index >= cfg.nodes {
-                bail!("no node {index}: the local cluster has {} node(s)", cfg.nodes);
+                bail!(
+                    "no node {index}: the local cluster has {} node(s)",
+                    cfg.nodes
+                );
             }
             spawn_node(&dir, &cfg, index)?;
             let n = wait_serving(&dir, &cfg, index).await?;
-            println!("node {index} is back at {} (epoch {})", cfg.peer_addr(index), n.epoch);
+            println!(
+                "node {index} is back at {} (epoch {})",
+                cfg.peer_addr(index),
+                n.epoch
+            );
         }
     }
     Ok(())

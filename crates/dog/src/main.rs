@@ -6,15 +6,24 @@ mod cmd_vdi;
 mod conn;
 mod local;
 
-
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "dog", version, about = "Sheepdog admin CLI", propagate_version = true)]
+#[command(
+    name = "dog",
+    version,
+    about = "Sheepdog admin CLI",
+    propagate_version = true
+)]
 struct Cli {
     /// Address of the sheep to talk to.
-    #[arg(short = 'a', long = "address", global = true, default_value = "127.0.0.1:7000")]
+    #[arg(
+        short = 'a',
+        long = "address",
+        global = true,
+        default_value = "127.0.0.1:7000"
+    )]
     address: String,
     #[command(subcommand)]
     command: Command,
@@ -38,7 +47,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("dog: cannot start runtime: {e}");

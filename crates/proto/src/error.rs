@@ -135,9 +135,6 @@ mod tests {
             }
         }
         assert_eq!(ErrorCode::from_u32(0), None);
-        assert_eq!(
-            PeerError::from_reply(9999, b"x").code,
-            ErrorCode::Internal
-        );
+        assert_eq!(PeerError::from_reply(9999, b"x").code, ErrorCode::Internal);
     }
 }

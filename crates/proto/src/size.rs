@@ -3,7 +3,10 @@
 /// Parses a size with an optional K/M/G/T/P suffix (powers of 1024; `B`/`iB` allowed).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let (num, shift) = match t.chars().last() {
         Some(c) if c.is_ascii_alphabetic() => {
             let shift = match c.to_ascii_uppercase() {
@@ -19,7 +22,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => (t, 0),
     };
     if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"));
+        return n
+            .checked_mul(1u64 << shift)
+            .ok_or_else(|| format!("size '{s}' is too large"));
     }
     match num.parse::<f64>() {
         Ok(f) if f >= 0.0 && f.is_finite() => {
@@ -30,7 +35,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 Ok(v as u64)
             }
         }
-        _ => Err(format!("bad size '{s}': expected a number with an optional K/M/G/T suffix")),
+        _ => Err(format!(
+            "bad size '{s}': expected a number with an optional K/M/G/T suffix"
+        )),
     }
 }
 

@@ -43,7 +43,12 @@ pub async fn cluster_info(node: &Node) -> Result<Outcome, PeerError> {
     let view = node.refresh().await?;
     let m = &view.membership;
     Ok(Outcome::json(&ClusterInfoReply {
-        status: if m.config.is_some() { "running" } else { "waiting for format" }.to_string(),
+        status: if m.config.is_some() {
+            "running"
+        } else {
+            "waiting for format"
+        }
+        .to_string(),
         epoch: m.epoch,
         members: m.members.iter().map(member_info).collect(),
         config: m.config.as_ref().map(|c| ClusterConfigInfo {
@@ -58,7 +63,9 @@ pub async fn cluster_info(node: &Node) -> Result<Outcome, PeerError> {
 
 pub async fn format(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     let req: FormatRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
-    if !req.object_size.is_power_of_two() || !(OBJECT_SIZE_MIN..=OBJECT_SIZE_MAX).contains(&req.object_size) {
+    if !req.object_size.is_power_of_two()
+        || !(OBJECT_SIZE_MIN..=OBJECT_SIZE_MAX).contains(&req.object_size)
+    {
         return Err(invalid(format!(
             "object size {} must be a power of two between {} KiB and {} MiB",
             req.object_size,
@@ -73,7 +80,11 @@ pub async fn format(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     if req.copies as usize > view.data_nodes() {
         return Err(PeerError::new(
             ErrorCode::TooFewNodes,
-            format!("{} copies asked but only {} data node(s) are members", req.copies, view.data_nodes()),
+            format!(
+                "{} copies asked but only {} data node(s) are members",
+                req.copies,
+                view.data_nodes()
+            ),
         ));
     }
     let cfg = cluster::ClusterConfig {
@@ -88,14 +99,23 @@ pub async fn format(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     };
     let m = node.driver.format(cfg).await.map_err(from_cluster)?;
     node.apply(m).await?;
-    tracing::info!(copies = req.copies, object_size = req.object_size, "cluster formatted");
+    tracing::info!(
+        copies = req.copies,
+        object_size = req.object_size,
+        "cluster formatted"
+    );
     cluster_info(node).await
 }
 
 /// Asks every other member to stop cleanly, then stops this node.
 pub async fn cluster_shutdown(node: &Node) -> Result<Outcome, PeerError> {
     let view = node.refresh().await?;
-    for m in view.membership.members.iter().filter(|m| m.uuid != node.uuid) {
+    for m in view
+        .membership
+        .members
+        .iter()
+        .filter(|m| m.uuid != node.uuid)
+    {
         let h = Header::request(Opcode::NodeShutdown, 0, view.epoch());
         if let Err(e) = node.call(m, h, Vec::new(), Duration::from_secs(5)).await {
             tracing::warn!(node = %m.addr, error = %e, "could not ask node to stop");
@@ -108,7 +128,10 @@ pub async fn cluster_shutdown(node: &Node) -> Result<Outcome, PeerError> {
 /// Test only: drops every write not yet made durable, then dies like a machine losing power.
 pub async fn power_cut(node: &Node) -> Result<Outcome, PeerError> {
     if !node.opts.fault_injection {
-        return Err(PeerError::new(ErrorCode::Unsupported, "power cut needs a sheep started with --fault-injection"));
+        return Err(PeerError::new(
+            ErrorCode::Unsupported,
+            "power cut needs a sheep started with --fault-injection",
+        ));
     }
     let store = node.store_or_err()?;
     tracing::warn!("simulated power cut");

@@ -46,7 +46,13 @@ pub async fn check(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     Ok(Outcome::json(&reply))
 }
 
-async fn check_object(node: &Node, vdi: &str, oid: Oid, copies: usize, repair: bool) -> Vec<CheckProblem> {
+async fn check_object(
+    node: &Node,
+    vdi: &str,
+    oid: Oid,
+    copies: usize,
+    repair: bool,
+) -> Vec<CheckProblem> {
     let view = node.view();
     let owners = view.replicas(oid, copies);
     let mut problems = Vec::new();
@@ -58,11 +64,25 @@ async fn check_object(node: &Node, vdi: &str, oid: Oid, copies: usize, repair: b
         repaired: false,
     };
     if owners.len() < copies {
-        problems.push(problem(None, format!("only {} node(s) can hold it; {copies} copies wanted", owners.len())));
+        problems.push(problem(
+            None,
+            format!(
+                "only {} node(s) can hold it; {copies} copies wanted",
+                owners.len()
+            ),
+        ));
     }
     let epoch = view.epoch();
     let seen = join_all(owners.iter().map(|o| async move {
-        match node.call(o, header(Opcode::ObjChecksum, epoch, oid), Vec::new(), OBJECT_CALL_TIMEOUT).await {
+        match node
+            .call(
+                o,
+                header(Opcode::ObjChecksum, epoch, oid),
+                Vec::new(),
+                OBJECT_CALL_TIMEOUT,
+            )
+            .await
+        {
             Ok((h, p)) if p.len() == 4 => Seen::Copy {
                 stamp: Stamp::new(h.epoch, h.generation),
                 crc: u32::from_le_bytes([p[0], p[1], p[2], p[3]]),
@@ -77,7 +97,16 @@ async fn check_object(node: &Node, vdi: &str, oid: Oid, copies: usize, repair: b
         }
     }))
     .await;
-    let newest = seen.iter().filter_map(|s| if let Seen::Copy { stamp, .. } = s { Some(*stamp) } else { None }).max();
+    let newest = seen
+        .iter()
+        .filter_map(|s| {
+            if let Seen::Copy { stamp, .. } = s {
+                Some(*stamp)
+            } else {
+                None
+            }
+        })
+        .max();
     // Among the newest copies, the content most of them agree on is the right one.
     let mut votes: HashMap<u32, usize> = HashMap::new();
     for s in &seen {
@@ -87,15 +116,25 @@ async fn check_object(node: &Node, vdi: &str, oid: Oid, copies: usize, repair: b
             }
         }
     }
-    let good_crc = votes.iter().max_by_key(|(crc, n)| (**n, std::cmp::Reverse(**crc))).map(|(c, _)| *c);
+    let good_crc = votes
+        .iter()
+        .max_by_key(|(crc, n)| (**n, std::cmp::Reverse(**crc)))
+        .map(|(c, _)| *c);
     for (o, s) in owners.iter().zip(&seen) {
         let what = match s {
             Seen::Problem(p) => Some((p.clone(), false)),
-            Seen::Copy { stamp, .. } if Some(*stamp) != newest => Some((format!("stale copy (stamp {stamp:?}, newest {newest:?})"), false)),
-            Seen::Copy { crc, .. } if Some(*crc) != good_crc => Some(("content differs from the other copies".into(), true)),
+            Seen::Copy { stamp, .. } if Some(*stamp) != newest => Some((
+                format!("stale copy (stamp {stamp:?}, newest {newest:?})"),
+                false,
+            )),
+            Seen::Copy { crc, .. } if Some(*crc) != good_crc => {
+                Some(("content differs from the other copies".into(), true))
+            }
             Seen::Copy { .. } => None,
         };
-        let Some((what, diverged)) = what else { continue };
+        let Some((what, diverged)) = what else {
+            continue;
+        };
         let mut p = problem(Some(o), what);
         if repair && newest.is_some() {
             p.repaired = repair_copy(node, o, oid, diverged).await.is_ok();
@@ -107,15 +146,30 @@ async fn check_object(node: &Node, vdi: &str, oid: Oid, copies: usize, repair: b
 
 /// Makes `owner`'s copy current: a diverged copy is quarantined first, then the owner
 /// recovers the object from the newest copy.
-async fn repair_copy(node: &Node, owner: &NodeInfo, oid: Oid, diverged: bool) -> Result<(), PeerError> {
+async fn repair_copy(
+    node: &Node,
+    owner: &NodeInfo,
+    oid: Oid,
+    diverged: bool,
+) -> Result<(), PeerError> {
     let epoch = node.view().epoch();
     if diverged {
-        node.call(owner, header(Opcode::MarkStale, epoch, oid), Vec::new(), OBJECT_CALL_TIMEOUT)
-            .await
-            .map_err(|e| e.to_peer_error())?;
-    }
-    node.call(owner, header(Opcode::RecoverObj, epoch, oid), Vec::new(), OBJECT_CALL_TIMEOUT)
+        node.call(
+            owner,
+            header(Opcode::MarkStale, epoch, oid),
+            Vec::new(),
+            OBJECT_CALL_TIMEOUT,
+        )
         .await
         .map_err(|e| e.to_peer_error())?;
+    }
+    node.call(
+        owner,
+        header(Opcode::RecoverObj, epoch, oid),
+        Vec::new(),
+        OBJECT_CALL_TIMEOUT,
+    )
+    .await
+    .map_err(|e| e.to_peer_error())?;
     Ok(())
 }

@@ -32,7 +32,12 @@ impl Outcome {
     }
 }
 
-pub async fn dispatch(node: &Node, op: Opcode, h: &Header, payload: Vec<u8>) -> Result<Outcome, PeerError> {
+pub async fn dispatch(
+    node: &Node,
+    op: Opcode,
+    h: &Header,
+    payload: Vec<u8>,
+) -> Result<Outcome, PeerError> {
     if op.needs_epoch_match() {
         check_epoch(node, h).await?;
         return object_op(node, op, h, payload).await;
@@ -61,7 +66,8 @@ pub async fn dispatch(node: &Node, op: Opcode, h: &Header, payload: Vec<u8>) -> 
         Opcode::ClusterCheck => crate::check::check(node, &payload).await,
         Opcode::RecoveryInfo => Ok(Outcome::json(&node.recovery.info())),
         Opcode::RecoveryThrottle => {
-            let req: msg::ThrottleRequest = msg::decode(&payload).map_err(|e| invalid(e.to_string()))?;
+            let req: msg::ThrottleRequest =
+                msg::decode(&payload).map_err(|e| invalid(e.to_string()))?;
             node.recovery.throttle.set_rate(req.bytes_per_sec);
             tracing::info!(bytes_per_sec = req.bytes_per_sec, "recovery throttle set");
             Ok(Outcome::json(&node.recovery.info()))
@@ -90,10 +96,16 @@ async fn sync_all(node: &Node) -> Result<Outcome, PeerError> {
                 Ok(())
             })
             .await;
-            Err(PeerError::new(ErrorCode::Io, format!("sync failed ({source}); {count} object(s) marked stale")))
+            Err(PeerError::new(
+                ErrorCode::Io,
+                format!("sync failed ({source}); {count} object(s) marked stale"),
+            ))
         }
         Ok(Err(e)) => Err(from_store(e)),
-        Err(e) => Err(PeerError::new(ErrorCode::Internal, format!("store task failed: {e}"))),
+        Err(e) => Err(PeerError::new(
+            ErrorCode::Internal,
+            format!("store task failed: {e}"),
+        )),
     }
 }
 
@@ -113,13 +125,22 @@ async fn check_epoch(node: &Node, h: &Header) -> Result<(), PeerError> {
     if h.epoch != view.epoch() {
         return Err(PeerError::new(
             ErrorCode::StaleEpoch,
-            format!("request at epoch {}, this node is at epoch {}", h.epoch, view.epoch()),
+            format!(
+                "request at epoch {}, this node is at epoch {}",
+                h.epoch,
+                view.epoch()
+            ),
         ));
     }
     Ok(())
 }
 
-async fn object_op(node: &Node, op: Opcode, h: &Header, payload: Vec<u8>) -> Result<Outcome, PeerError> {
+async fn object_op(
+    node: &Node,
+    op: Opcode,
+    h: &Header,
+    payload: Vec<u8>,
+) -> Result<Outcome, PeerError> {
     let store = node.store_or_err()?;
     let oid = Oid::from_raw(h.oid).map_err(|e| invalid(e.to_string()))?;
     let stamp = Stamp {
@@ -128,15 +149,22 @@ async fn object_op(node: &Node, op: Opcode, h: &Header, payload: Vec<u8>) -> Res
     };
     let durable = h.has_flag(FLAG_DURABLE);
     let (offset, length) = (h.offset, h.length);
-    if matches!(op, Opcode::WriteObj | Opcode::CreateAndWrite | Opcode::PunchObj | Opcode::RemoveObj) {
+    if matches!(
+        op,
+        Opcode::WriteObj | Opcode::CreateAndWrite | Opcode::PunchObj | Opcode::RemoveObj
+    ) {
         node.check_fence(oid.vid(), h.fence)?;
     }
     let recovery_read = h.has_flag(FLAG_RECOVERY);
     match op {
         // A client read of a copy not yet compared with the cluster's: compare first.
-        Opcode::ReadObj if !recovery_read && node.recovery.is_unverified(oid) => recovery::ensure_current(node, oid).await?,
+        Opcode::ReadObj if !recovery_read && node.recovery.is_unverified(oid) => {
+            recovery::ensure_current(node, oid).await?
+        }
         // Writes reach only owners: a missing or unverified copy is recovered first.
-        Opcode::WriteObj | Opcode::PunchObj if node.recovery.is_unverified(oid) || !store.contains(oid) => {
+        Opcode::WriteObj | Opcode::PunchObj
+            if node.recovery.is_unverified(oid) || !store.contains(oid) =>
+        {
             recovery::ensure_current(node, oid).await?
         }
         _ => {}
@@ -144,7 +172,9 @@ async fn object_op(node: &Node, op: Opcode, h: &Header, payload: Vec<u8>) -> Res
     // Writes share the object's recovery stripe, so a recovered copy is never installed
     // over them (recovery holds it exclusively while it replaces a copy).
     let _shared = match op {
-        Opcode::WriteObj | Opcode::CreateAndWrite | Opcode::PunchObj | Opcode::RemoveObj => Some(node.recovery.stripe(oid).read().await),
+        Opcode::WriteObj | Opcode::CreateAndWrite | Opcode::PunchObj | Opcode::RemoveObj => {
+            Some(node.recovery.stripe(oid).read().await)
+        }
         _ => None,
     };
     match op {
@@ -172,14 +202,17 @@ async fn object_op(node: &Node, op: Opcode, h: &Header, payload: Vec<u8>) -> Res
             blocking(move || store.mark_stale(oid)).await?;
             Ok(Outcome::default())
         }
-        Opcode::ListObjs => Ok(Outcome::data(recovery::encode_list(&recovery::local_list(node).await?))),
+        Opcode::ListObjs => Ok(Outcome::data(recovery::encode_list(
+            &recovery::local_list(node).await?,
+        ))),
         Opcode::RecoverObj => {
             recovery::ensure_current(node, oid).await?;
             Ok(Outcome::default())
         }
         Opcode::ObjChecksum => {
             let size = oid.capacity(store.object_size());
-            let (data, s) = blocking(move || Ok((store.read(oid, 0, size as u32)?, store.stamp(oid)?))).await?;
+            let (data, s) =
+                blocking(move || Ok((store.read(oid, 0, size as u32)?, store.stamp(oid)?))).await?;
             Ok(Outcome {
                 payload: crc32c::crc32c(&data).to_le_bytes().to_vec(),
                 generation: s.generation,
@@ -204,6 +237,9 @@ pub async fn blocking<T: Send + 'static>(
 ) -> Result<T, PeerError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(from_store),
-        Err(e) => Err(PeerError::new(ErrorCode::Internal, format!("store task failed: {e}"))),
+        Err(e) => Err(PeerError::new(
+            ErrorCode::Internal,
+            format!("store task failed: {e}"),
+        )),
     }
 }

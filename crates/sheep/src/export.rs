@@ -62,14 +62,18 @@ impl SheepExports {
     }
 
     fn node(&self) -> Result<Arc<Node>, OpenError> {
-        self.node.upgrade().ok_or_else(|| OpenError::Other("the server is shutting down".into()))
+        self.node
+            .upgrade()
+            .ok_or_else(|| OpenError::Other("the server is shutting down".into()))
     }
 }
 
 #[async_trait]
 impl ExportProvider for SheepExports {
     async fn list(&self) -> Vec<ExportInfo> {
-        let Ok(node) = self.node() else { return Vec::new() };
+        let Ok(node) = self.node() else {
+            return Vec::new();
+        };
         match node.driver.vdi_list().await {
             Ok(entries) => entries
                 .into_iter()
@@ -85,7 +89,11 @@ impl ExportProvider for SheepExports {
         }
     }
 
-    async fn open(&self, name: &str, _read_only_ok: bool) -> Result<Arc<dyn BlockDevice>, OpenError> {
+    async fn open(
+        &self,
+        name: &str,
+        _read_only_ok: bool,
+    ) -> Result<Arc<dyn BlockDevice>, OpenError> {
         let node = self.node()?;
         let (vdi_name, read_only) = match name.strip_suffix(READ_ONLY_SUFFIX) {
             Some(base) => (base, true),
@@ -96,8 +104,14 @@ impl ExportProvider for SheepExports {
             Err(e) if e.code == ErrorCode::NoSuchVdi => return Err(OpenError::Unknown),
             Err(e) => return Err(OpenError::Other(e.message)),
         };
-        let vdi = open_vdi(&node, vid, Refresh::All).await.map_err(|e| OpenError::Other(e.message))?;
-        let fence = if read_only { 0 } else { acquire_writer(&node, vid, vdi_name).await? };
+        let vdi = open_vdi(&node, vid, Refresh::All)
+            .await
+            .map_err(|e| OpenError::Other(e.message))?;
+        let fence = if read_only {
+            0
+        } else {
+            acquire_writer(&node, vid, vdi_name).await?
+        };
         if !read_only {
             vdi.set_fence(fence);
         }
@@ -124,11 +138,21 @@ async fn acquire_writer(node: &Arc<Node>, vid: Vid, name: &str) -> Result<u64, O
     }
     match node.driver.lock_acquire(vid, node.uuid).await {
         Ok(lock) => {
-            writers.insert(vid, WriterEntry { connections: 1, generation: lock.generation });
+            writers.insert(
+                vid,
+                WriterEntry {
+                    connections: 1,
+                    generation: lock.generation,
+                },
+            );
             Ok(lock.generation)
         }
         Err(cluster::ClusterError::Locked { holder, .. }) => {
-            let addr = node.view().member(holder).map(|m| m.addr.clone()).unwrap_or_else(|| "unknown address".into());
+            let addr = node
+                .view()
+                .member(holder)
+                .map(|m| m.addr.clone())
+                .unwrap_or_else(|| "unknown address".into());
             Err(OpenError::Policy(format!(
                 "VDI '{name}' is locked by the gateway on node {holder} ({addr}); open export '{name}{READ_ONLY_SUFFIX}' for read-only access"
             )))
@@ -140,7 +164,9 @@ async fn acquire_writer(node: &Arc<Node>, vid: Vid, name: &str) -> Result<u64, O
 /// Drops one connection's share of the lock; the last one flushes and releases it.
 async fn release_writer(node: &Node, vdi: &VdiState, vid: Vid) {
     let mut writers = node.exports.writers.lock().await;
-    let Some(w) = writers.get_mut(&vid) else { return };
+    let Some(w) = writers.get_mut(&vid) else {
+        return;
+    };
     w.connections -= 1;
     if w.connections > 0 {
         return;
@@ -185,24 +211,39 @@ impl BlockDevice for VdiDevice {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, BlockError> {
-        gateway::read(&self.node, &self.vdi, offset, len as u64).await.map_err(to_block_error)
+        gateway::read(&self.node, &self.vdi, offset, len as u64)
+            .await
+            .map_err(to_block_error)
     }
 
     async fn write(&self, offset: u64, data: bytes::Bytes, fua: bool) -> Result<(), BlockError> {
         let durable = fua || self.writethrough;
-        gateway::write(&self.node, &self.vdi, offset, &data, durable).await.map_err(to_block_error)
+        gateway::write(&self.node, &self.vdi, offset, &data, durable)
+            .await
+            .map_err(to_block_error)
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
-        gateway::flush(&self.node, &self.vdi).await.map_err(to_block_error)
+        gateway::flush(&self.node, &self.vdi)
+            .await
+            .map_err(to_block_error)
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), BlockError> {
         let durable = fua || self.writethrough;
-        gateway::zero_range(&self.node, &self.vdi, offset, len as u64, false, durable).await.map_err(to_block_error)
+        gateway::zero_range(&self.node, &self.vdi, offset, len as u64, false, durable)
+            .await
+            .map_err(to_block_error)
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fua: bool, fast_zero: bool) -> Result<(), BlockError> {
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+        fast_zero: bool,
+    ) -> Result<(), BlockError> {
         if fast_zero && no_hole {
             return Err(BlockError {
                 errno: NbdErrno::NotSup,
@@ -210,11 +251,15 @@ impl BlockDevice for VdiDevice {
             });
         }
         let durable = fua || self.writethrough;
-        gateway::zero_range(&self.node, &self.vdi, offset, len as u64, no_hole, durable).await.map_err(to_block_error)
+        gateway::zero_range(&self.node, &self.vdi, offset, len as u64, no_hole, durable)
+            .await
+            .map_err(to_block_error)
     }
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, BlockError> {
-        let runs = gateway::allocation(&self.node, &self.vdi, offset, len as u64).await.map_err(to_block_error)?;
+        let runs = gateway::allocation(&self.node, &self.vdi, offset, len as u64)
+            .await
+            .map_err(to_block_error)?;
         Ok(runs
             .into_iter()
             .map(|(length, allocated)| Extent {

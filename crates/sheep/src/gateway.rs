@@ -8,15 +8,15 @@
 //! stale before the acknowledgement.
 
 use crate::node::Node;
-use futures::future::join_all;
 use crate::replicate::{read_object_replicas, replicate, replicate_len, Policy, WriteKind};
-use std::sync::atomic::{AtomicU64, Ordering};
+use futures::future::join_all;
 use proto::inode::{decode_table, split_range, table_entry_offset, VdiHeader};
 use proto::oid::INODE_HEADER_SIZE;
 use proto::{ErrorCode, Oid, PeerError, Vid};
 use std::collections::{HashMap, HashSet};
-use uuid::Uuid;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use uuid::Uuid;
 
 /// Stripes of per-object write locks per VDI.
 const WRITE_STRIPES: usize = 256;
@@ -40,7 +40,10 @@ pub struct VdiState {
 
 impl VdiState {
     pub fn header(&self) -> VdiHeader {
-        self.header.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.header
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn entry(&self, index: u32) -> Vid {
@@ -75,7 +78,10 @@ impl VdiState {
     /// Records the nodes of an unsynced write for the next flush.
     fn note_unsynced(&self, durable: bool, nodes: Vec<Uuid>) {
         if !durable {
-            self.unsynced.lock().unwrap_or_else(|p| p.into_inner()).extend(nodes);
+            self.unsynced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(nodes);
         }
     }
 
@@ -83,7 +89,11 @@ impl VdiState {
     pub fn owned_indices(&self) -> Vec<u32> {
         let vid = self.header.read().unwrap_or_else(|p| p.into_inner()).vid;
         let t = self.table.read().unwrap_or_else(|p| p.into_inner());
-        t.iter().enumerate().filter(|(_, &e)| e == vid).map(|(i, _)| i as u32).collect()
+        t.iter()
+            .enumerate()
+            .filter(|(_, &e)| e == vid)
+            .map(|(i, _)| i as u32)
+            .collect()
     }
 
     /// Number of data objects this VDI owns.
@@ -102,12 +112,19 @@ pub struct Gateway {
 
 impl Gateway {
     fn get(&self, vid: Vid) -> Option<Arc<VdiState>> {
-        self.vdis.lock().unwrap_or_else(|p| p.into_inner()).get(&vid).cloned()
+        self.vdis
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&vid)
+            .cloned()
     }
 
     /// Drops a VDI from the cache (after delete, or to force a reload).
     pub fn forget(&self, vid: Vid) {
-        self.vdis.lock().unwrap_or_else(|p| p.into_inner()).remove(&vid);
+        self.vdis
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vid);
     }
 }
 
@@ -140,7 +157,9 @@ pub async fn open_vdi(node: &Node, vid: Vid, refresh: Refresh) -> Result<Arc<Vdi
     let state = Arc::new(VdiState {
         header: RwLock::new(header),
         table: RwLock::new(table),
-        stripes: (0..WRITE_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+        stripes: (0..WRITE_STRIPES)
+            .map(|_| tokio::sync::Mutex::new(()))
+            .collect(),
         unsynced: Mutex::new(HashSet::new()),
         flush_order: tokio::sync::Mutex::new(()),
         fence: AtomicU64::new(0),
@@ -158,7 +177,8 @@ async fn load_table(node: &Node, vid: Vid, count: u32) -> Result<Vec<Vid>, PeerE
 /// Reads a VDI's header from its inode object.
 pub async fn load_header(node: &Node, vid: Vid) -> Result<VdiHeader, PeerError> {
     let b = read_inode(node, vid, 0, INODE_HEADER_SIZE as u32).await?;
-    VdiHeader::decode(&b).map_err(|e| PeerError::new(ErrorCode::Io, format!("inode of vid {vid}: {e}")))
+    VdiHeader::decode(&b)
+        .map_err(|e| PeerError::new(ErrorCode::Io, format!("inode of vid {vid}: {e}")))
 }
 
 /// Reads from a VDI's inode object. The inode's replica count is only known once its
@@ -169,17 +189,27 @@ async fn read_inode(node: &Node, vid: Vid, offset: u64, len: u32) -> Result<Vec<
         return Ok(Vec::new());
     }
     let copies = node.view().data_nodes().max(1);
-    read_object_replicas(node, Oid::inode(vid), offset, len, copies).await.map_err(|e| {
-        if e.code == ErrorCode::NotFound {
-            PeerError::new(ErrorCode::NoSuchVdi, format!("vid {vid} has no inode object"))
-        } else {
-            e
-        }
-    })
+    read_object_replicas(node, Oid::inode(vid), offset, len, copies)
+        .await
+        .map_err(|e| {
+            if e.code == ErrorCode::NotFound {
+                PeerError::new(
+                    ErrorCode::NoSuchVdi,
+                    format!("vid {vid} has no inode object"),
+                )
+            } else {
+                e
+            }
+        })
 }
 
 /// Reads `len` bytes of a VDI at `offset` (checked against its size by the caller).
-pub async fn read(node: &Node, vdi: &VdiState, offset: u64, len: u64) -> Result<Vec<u8>, PeerError> {
+pub async fn read(
+    node: &Node,
+    vdi: &VdiState,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, PeerError> {
     let h = vdi.header();
     let pieces = split_range(offset, len, h.object_size);
     let mut out = vec![0u8; len as usize];
@@ -190,7 +220,9 @@ pub async fn read(node: &Node, vdi: &VdiState, offset: u64, len: u64) -> Result<
         pos += n as usize;
     }
     for chunk in jobs.chunks(PIECES_IN_FLIGHT_MAX) {
-        let reads = chunk.iter().map(|&(_, index, in_obj, n)| read_object(node, vdi, &h, index, in_obj, n as u32));
+        let reads = chunk
+            .iter()
+            .map(|&(_, index, in_obj, n)| read_object(node, vdi, &h, index, in_obj, n as u32));
         let results = join_all(reads).await;
         for (&(at, _, _, n), r) in chunk.iter().zip(results) {
             let data = r?;
@@ -200,7 +232,14 @@ pub async fn read(node: &Node, vdi: &VdiState, offset: u64, len: u64) -> Result<
     Ok(out)
 }
 
-async fn read_object(node: &Node, vdi: &VdiState, h: &VdiHeader, index: u32, offset: u64, len: u32) -> Result<Vec<u8>, PeerError> {
+async fn read_object(
+    node: &Node,
+    vdi: &VdiState,
+    h: &VdiHeader,
+    index: u32,
+    offset: u64,
+    len: u32,
+) -> Result<Vec<u8>, PeerError> {
     let mut owner = vdi.entry(index);
     if owner == 0 {
         // Another gateway may have written it since we loaded the table.
@@ -209,10 +248,22 @@ async fn read_object(node: &Node, vdi: &VdiState, h: &VdiHeader, index: u32, off
     if owner == 0 {
         return Ok(vec![0u8; len as usize]);
     }
-    read_object_replicas(node, Oid::data(owner, index), offset, len, h.copies as usize).await
+    read_object_replicas(
+        node,
+        Oid::data(owner, index),
+        offset,
+        len,
+        h.copies as usize,
+    )
+    .await
 }
 
-async fn refresh_entry(node: &Node, vdi: &VdiState, h: &VdiHeader, index: u32) -> Result<Vid, PeerError> {
+async fn refresh_entry(
+    node: &Node,
+    vdi: &VdiState,
+    h: &VdiHeader,
+    index: u32,
+) -> Result<Vid, PeerError> {
     let b = read_inode(node, h.vid, table_entry_offset(index), 4).await?;
     let owner = decode_table(&b).first().copied().unwrap_or(0);
     if owner != 0 {
@@ -223,7 +274,13 @@ async fn refresh_entry(node: &Node, vdi: &VdiState, h: &VdiHeader, index: u32) -
 
 /// Writes `data` at `offset` of a VDI (checked against its size by the caller).
 /// `durable`: every replica makes it durable before the reply.
-pub async fn write(node: &Node, vdi: &VdiState, offset: u64, data: &[u8], durable: bool) -> Result<(), PeerError> {
+pub async fn write(
+    node: &Node,
+    vdi: &VdiState,
+    offset: u64,
+    data: &[u8],
+    durable: bool,
+) -> Result<(), PeerError> {
     let h = vdi.header();
     let pieces = split_range(offset, data.len() as u64, h.object_size);
     let mut jobs = Vec::with_capacity(pieces.len());
@@ -233,7 +290,9 @@ pub async fn write(node: &Node, vdi: &VdiState, offset: u64, data: &[u8], durabl
         pos += n as usize;
     }
     for chunk in jobs.chunks(PIECES_IN_FLIGHT_MAX) {
-        let writes = chunk.iter().map(|&(index, in_obj, d)| write_object(node, vdi, &h, index, in_obj, d, durable));
+        let writes = chunk
+            .iter()
+            .map(|&(index, in_obj, d)| write_object(node, vdi, &h, index, in_obj, d, durable));
         for r in join_all(writes).await {
             r?;
         }
@@ -241,7 +300,15 @@ pub async fn write(node: &Node, vdi: &VdiState, offset: u64, data: &[u8], durabl
     Ok(())
 }
 
-async fn write_object(node: &Node, vdi: &VdiState, h: &VdiHeader, index: u32, offset: u64, data: &[u8], durable: bool) -> Result<(), PeerError> {
+async fn write_object(
+    node: &Node,
+    vdi: &VdiState,
+    h: &VdiHeader,
+    index: u32,
+    offset: u64,
+    data: &[u8],
+    durable: bool,
+) -> Result<(), PeerError> {
     let _ordered = vdi.stripes[index as usize % WRITE_STRIPES].lock().await;
     let oid = Oid::data(h.vid, index);
     let policy = vdi.policy(durable);
@@ -263,9 +330,24 @@ async fn write_object(node: &Node, vdi: &VdiState, h: &VdiHeader, index: u32, of
 }
 
 /// Points table entry `index` at `owner` on the inode's replicas, then in the cache.
-async fn set_table_entry(node: &Node, vdi: &VdiState, h: &VdiHeader, index: u32, owner: Vid, durable: bool) -> Result<(), PeerError> {
+async fn set_table_entry(
+    node: &Node,
+    vdi: &VdiState,
+    h: &VdiHeader,
+    index: u32,
+    owner: Vid,
+    durable: bool,
+) -> Result<(), PeerError> {
     let entry = owner.to_le_bytes();
-    let nodes = replicate(node, WriteKind::Write, Oid::inode(h.vid), table_entry_offset(index), &entry, vdi.policy(durable)).await?;
+    let nodes = replicate(
+        node,
+        WriteKind::Write,
+        Oid::inode(h.vid),
+        table_entry_offset(index),
+        &entry,
+        vdi.policy(durable),
+    )
+    .await?;
     vdi.note_unsynced(durable, nodes);
     vdi.set_entry(index, owner);
     Ok(())
@@ -274,7 +356,14 @@ async fn set_table_entry(node: &Node, vdi: &VdiState, h: &VdiHeader, index: u32,
 /// Makes a range read as zeros. Whole objects are freed (unless `no_hole`): the object
 /// is zeroed, its table entry cleared, then it is removed, so a crash between steps
 /// never lets old data reappear. Partial ranges are punched; `no_hole` writes zeros.
-pub async fn zero_range(node: &Node, vdi: &VdiState, offset: u64, len: u64, no_hole: bool, durable: bool) -> Result<(), PeerError> {
+pub async fn zero_range(
+    node: &Node,
+    vdi: &VdiState,
+    offset: u64,
+    len: u64,
+    no_hole: bool,
+    durable: bool,
+) -> Result<(), PeerError> {
     let h = vdi.header();
     for (index, in_obj, n) in split_range(offset, len, h.object_size) {
         if no_hole {
@@ -288,15 +377,35 @@ pub async fn zero_range(node: &Node, vdi: &VdiState, offset: u64, len: u64, no_h
             continue;
         }
         if owner != h.vid {
-            return Err(PeerError::new(ErrorCode::Unsupported, "trimming a shared (snapshot) object is not supported yet"));
+            return Err(PeerError::new(
+                ErrorCode::Unsupported,
+                "trimming a shared (snapshot) object is not supported yet",
+            ));
         }
         let oid = Oid::data(h.vid, index);
         let whole = in_obj == 0 && n == h.object_size as u64;
-        let nodes = replicate_len(node, WriteKind::Punch, oid, in_obj, &[], n, vdi.policy(durable || whole)).await?;
+        let nodes = replicate_len(
+            node,
+            WriteKind::Punch,
+            oid,
+            in_obj,
+            &[],
+            n,
+            vdi.policy(durable || whole),
+        )
+        .await?;
         vdi.note_unsynced(durable || whole, nodes);
         if whole {
             set_table_entry(node, vdi, &h, index, 0, true).await?;
-            let nodes = replicate(node, WriteKind::Remove, oid, 0, &[], vdi.policy(true).with_min_copies(1)).await?;
+            let nodes = replicate(
+                node,
+                WriteKind::Remove,
+                oid,
+                0,
+                &[],
+                vdi.policy(true).with_min_copies(1),
+            )
+            .await?;
             vdi.note_unsynced(true, nodes);
         }
     }
@@ -304,7 +413,12 @@ pub async fn zero_range(node: &Node, vdi: &VdiState, offset: u64, len: u64, no_h
 }
 
 /// Allocation of a range from the data table: (length, allocated) runs in order.
-pub async fn allocation(node: &Node, vdi: &VdiState, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, PeerError> {
+pub async fn allocation(
+    node: &Node,
+    vdi: &VdiState,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<(u64, bool)>, PeerError> {
     let h = vdi.header();
     let mut runs: Vec<(u64, bool)> = Vec::new();
     for (index, _, n) in split_range(offset, len, h.object_size) {
@@ -324,7 +438,10 @@ pub async fn allocation(node: &Node, vdi: &VdiState, offset: u64, len: u64) -> R
 /// node fails the flush (EIO) and the node stays due for the next one.
 pub async fn flush(node: &Node, vdi: &VdiState) -> Result<(), PeerError> {
     let _ordered = vdi.flush_order.lock().await;
-    let due: Vec<Uuid> = std::mem::take(&mut *vdi.unsynced.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
+    let due: Vec<Uuid> =
+        std::mem::take(&mut *vdi.unsynced.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .collect();
     let results = join_all(due.iter().map(|u| sync_node(node, *u))).await;
     let mut unreached = Vec::new();
     let mut first_err = None;
@@ -343,7 +460,10 @@ pub async fn flush(node: &Node, vdi: &VdiState) -> Result<(), PeerError> {
         }
     }
     if let Some(e) = first_err {
-        vdi.unsynced.lock().unwrap_or_else(|p| p.into_inner()).extend(unreached);
+        vdi.unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(unreached);
         return Err(e);
     }
     Ok(())
@@ -359,17 +479,34 @@ async fn sync_node(node: &Node, uuid: Uuid) -> Result<(), PeerError> {
             return Ok(());
         };
         let h = proto::Header::request(proto::Opcode::SyncAll, 0, view.epoch());
-        match node.call(&member, h, Vec::new(), crate::replicate::OBJECT_CALL_TIMEOUT).await {
+        match node
+            .call(
+                &member,
+                h,
+                Vec::new(),
+                crate::replicate::OBJECT_CALL_TIMEOUT,
+            )
+            .await
+        {
             Ok(_) => return Ok(()),
             Err(e) if e.is_unreachable() && std::time::Instant::now() < deadline => {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 node.refresh().await?;
             }
             Err(e) if e.is_unreachable() => {
-                return Err(PeerError::new(ErrorCode::Unreachable, format!("flush: node {} ({}) does not answer: {e}", uuid, member.addr)));
+                return Err(PeerError::new(
+                    ErrorCode::Unreachable,
+                    format!(
+                        "flush: node {} ({}) does not answer: {e}",
+                        uuid, member.addr
+                    ),
+                ));
             }
             Err(e) => {
-                return Err(PeerError::new(ErrorCode::Io, format!("flush: sync of node {} ({}) failed: {e}", uuid, member.addr)));
+                return Err(PeerError::new(
+                    ErrorCode::Io,
+                    format!("flush: sync of node {} ({}) failed: {e}", uuid, member.addr),
+                ));
             }
         }
     }

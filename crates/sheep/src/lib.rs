@@ -23,20 +23,27 @@ use tokio::signal::unix::{signal, SignalKind};
 
 /// Runs a node until SIGTERM/SIGINT or a shutdown request, then leaves the cluster cleanly.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&opts.dir).with_context(|| format!("creating store directory {}", opts.dir.display()))?;
+    std::fs::create_dir_all(&opts.dir)
+        .with_context(|| format!("creating store directory {}", opts.dir.display()))?;
     let ident = store::identity::load_or_create(&opts.dir).context("reading node identity")?;
     let cluster_dir = opts.local_cluster_dir().map_err(anyhow::Error::msg)?;
-    std::fs::create_dir_all(&cluster_dir).with_context(|| format!("creating cluster directory {}", cluster_dir.display()))?;
-    let driver: Arc<dyn ClusterDriver> = Arc::new(cluster::LocalDriver::open(&cluster_dir).context("opening local cluster driver")?);
+    std::fs::create_dir_all(&cluster_dir)
+        .with_context(|| format!("creating cluster directory {}", cluster_dir.display()))?;
+    let driver: Arc<dyn ClusterDriver> =
+        Arc::new(cluster::LocalDriver::open(&cluster_dir).context("opening local cluster driver")?);
     let listener = tokio::net::TcpListener::bind(&opts.listen)
         .await
         .with_context(|| format!("listening on {}", opts.listen))?;
 
     let node = Node::new(opts.clone(), ident.node_uuid, driver.clone(), ident.cluster);
     // A store from another cluster is refused before we join anything.
-    let current = driver.membership().await.context("reading cluster membership")?;
+    let current = driver
+        .membership()
+        .await
+        .context("reading cluster membership")?;
     if let (Some(cfg), Some(mine)) = (&current.config, ident.cluster) {
-        if cfg.cluster_uuid != mine.cluster_uuid || cfg.format_generation != mine.format_generation {
+        if cfg.cluster_uuid != mine.cluster_uuid || cfg.format_generation != mine.format_generation
+        {
             anyhow::bail!(
                 "store {} belongs to cluster {} (format {}), but the cluster at {} is {} (format {})",
                 opts.dir.display(),
@@ -48,7 +55,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             );
         }
     }
-    let m = driver.join(node.info()).await.context("joining the cluster")?;
+    let m = driver
+        .join(node.info())
+        .await
+        .context("joining the cluster")?;
     node.apply(m).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(uuid = %node.uuid, listen = %opts.listen, epoch = node.view().epoch(), "sheep joined the cluster");
     node.spawn_follower();
@@ -58,11 +68,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let server = tokio::spawn(server::serve(node.clone(), listener));
     let nbd_server = match &opts.nbd {
         Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("NBD listening on {addr}"))?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("NBD listening on {addr}"))?;
             let provider = Arc::new(export::SheepExports::new(&node));
             let stop = nbd_shutdown_signal(&node);
             tracing::info!(%addr, "serving VDIs over NBD");
-            Some(tokio::spawn(nbd::serve(l, provider, nbd::ServerConfig::default(), stop)))
+            Some(tokio::spawn(nbd::serve(
+                l,
+                provider,
+                nbd::ServerConfig::default(),
+                stop,
+            )))
         }
         None => None,
     };
@@ -77,7 +94,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     node.request_shutdown();
     if let Some(handle) = nbd_server {
         // Let NBD connections finish: their close flushes and releases VDI locks.
-        if tokio::time::timeout(Duration::from_secs(15), handle).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(15), handle)
+            .await
+            .is_err()
+        {
             tracing::warn!("NBD connections did not finish in time");
         }
     }

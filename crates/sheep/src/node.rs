@@ -92,7 +92,12 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(opts: Options, uuid: Uuid, driver: Arc<dyn ClusterDriver>, cluster: Option<ClusterStamp>) -> Arc<Node> {
+    pub fn new(
+        opts: Options,
+        uuid: Uuid,
+        driver: Arc<dyn ClusterDriver>,
+        cluster: Option<ClusterStamp>,
+    ) -> Arc<Node> {
         let shared = Arc::new(RwLock::new(cluster));
         let expected = shared.clone();
         let accept = Arc::new(move |peer: &Hello| {
@@ -147,7 +152,10 @@ impl Node {
     /// The store, or the error a peer gets while this node has none (not formatted).
     pub fn store_or_err(&self) -> Result<Arc<ObjectStore>, PeerError> {
         self.store().ok_or_else(|| {
-            PeerError::new(ErrorCode::NotFormatted, "this node's store is not open: cluster not formatted")
+            PeerError::new(
+                ErrorCode::NotFormatted,
+                "this node's store is not open: cluster not formatted",
+            )
         })
     }
 
@@ -160,7 +168,9 @@ impl Node {
             .unwrap_or(0);
         let prev = self
             .last_generation
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| Some(now.max(last + 1)))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+                Some(now.max(last + 1))
+            })
             .unwrap_or(0);
         now.max(prev + 1)
     }
@@ -215,7 +225,12 @@ impl Node {
             }
             *slot = view.clone();
         }
-        tracing::info!(epoch = view.epoch(), members = view.membership.members.len(), serving = view.serving, "membership changed");
+        tracing::info!(
+            epoch = view.epoch(),
+            members = view.membership.members.len(),
+            serving = view.serving,
+            "membership changed"
+        );
         Ok(view)
     }
 
@@ -253,12 +268,20 @@ impl Node {
             }
         }
         *self.cluster.write().unwrap_or_else(|p| p.into_inner()) = Some(stamp);
-        self.pool.set_hello(node_hello(self.uuid, Some(stamp))).await;
+        self.pool
+            .set_hello(node_hello(self.uuid, Some(stamp)))
+            .await;
         Ok(())
     }
 
     /// One request to a member, returning its reply or why there was none.
-    pub async fn call(&self, to: &NodeInfo, header: Header, payload: Vec<u8>, timeout: Duration) -> Result<Reply, ClientError> {
+    pub async fn call(
+        &self,
+        to: &NodeInfo,
+        header: Header,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Reply, ClientError> {
         self.pool.call(&to.addr, header, payload, timeout).await
     }
 
@@ -351,7 +374,10 @@ pub fn check_peer_hello(peer: &Hello, ours: Option<ClusterStamp>) -> Result<(), 
         {
             Err(format!(
                 "peer belongs to cluster {} (format {}), we to {} (format {})",
-                theirs.cluster_uuid, theirs.format_generation, ours.cluster_uuid, ours.format_generation
+                theirs.cluster_uuid,
+                theirs.format_generation,
+                ours.cluster_uuid,
+                ours.format_generation
             ))
         }
         _ => Ok(()),

@@ -60,7 +60,14 @@ fn epoch_moved(e: &ClientError) -> bool {
 /// Applies a write to every live replica of `oid` at the current epoch. Succeeds when all
 /// applied it, or at least `min_copies` did and every one that did not is marked stale.
 /// Returns the nodes that applied it (for the flush that must later sync them).
-pub async fn replicate(node: &Node, kind: WriteKind, oid: Oid, offset: u64, data: &[u8], policy: Policy) -> Result<Vec<Uuid>, PeerError> {
+pub async fn replicate(
+    node: &Node,
+    kind: WriteKind,
+    oid: Oid,
+    offset: u64,
+    data: &[u8],
+    policy: Policy,
+) -> Result<Vec<Uuid>, PeerError> {
     replicate_len(node, kind, oid, offset, data, data.len() as u64, policy).await
 }
 
@@ -88,8 +95,21 @@ impl Policy {
 }
 
 /// [`replicate`] with an explicit operation length (for punches, which carry no data).
-pub async fn replicate_len(node: &Node, kind: WriteKind, oid: Oid, offset: u64, data: &[u8], len: u64, policy: Policy) -> Result<Vec<Uuid>, PeerError> {
-    let Policy { copies, min_copies, durable, fence } = policy;
+pub async fn replicate_len(
+    node: &Node,
+    kind: WriteKind,
+    oid: Oid,
+    offset: u64,
+    data: &[u8],
+    len: u64,
+    policy: Policy,
+) -> Result<Vec<Uuid>, PeerError> {
+    let Policy {
+        copies,
+        min_copies,
+        durable,
+        fence,
+    } = policy;
     let started = Instant::now();
     let mut last_err = None;
     for _ in 0..ATTEMPTS_MAX {
@@ -110,8 +130,14 @@ pub async fn replicate_len(node: &Node, kind: WriteKind, oid: Oid, offset: u64, 
         if durable {
             h.flags |= FLAG_DURABLE;
         }
-        let payload = if kind == WriteKind::Punch || kind == WriteKind::Remove { Vec::new() } else { data.to_vec() };
-        let calls = targets.iter().map(|t| send_write(node, t, kind, h, payload.clone()));
+        let payload = if kind == WriteKind::Punch || kind == WriteKind::Remove {
+            Vec::new()
+        } else {
+            data.to_vec()
+        };
+        let calls = targets
+            .iter()
+            .map(|t| send_write(node, t, kind, h, payload.clone()));
         let results = join_all(calls).await;
 
         if results.iter().any(|r| r.as_ref().is_err_and(epoch_moved)) {
@@ -152,19 +178,34 @@ pub async fn replicate_len(node: &Node, kind: WriteKind, oid: Oid, offset: u64, 
         }
         return Err(first.to_peer_error());
     }
-    Err(last_err.unwrap_or_else(|| PeerError::new(ErrorCode::Io, format!("object {oid}: too many epoch changes"))))
+    Err(last_err.unwrap_or_else(|| {
+        PeerError::new(
+            ErrorCode::Io,
+            format!("object {oid}: too many epoch changes"),
+        )
+    }))
 }
 
-async fn send_write(node: &Node, to: &NodeInfo, kind: WriteKind, h: Header, payload: Vec<u8>) -> Result<(), ClientError> {
+async fn send_write(
+    node: &Node,
+    to: &NodeInfo,
+    kind: WriteKind,
+    h: Header,
+    payload: Vec<u8>,
+) -> Result<(), ClientError> {
     match node.call(to, h, payload.clone(), OBJECT_CALL_TIMEOUT).await {
         Ok(_) => Ok(()),
         Err(ClientError::Peer(e)) if kind == WriteKind::Create && e.code == ErrorCode::Exists => {
             // Created already (by an earlier attempt or another gateway): write into it.
             let mut w = h;
             w.opcode = Opcode::WriteObj as u16;
-            node.call(to, w, payload, OBJECT_CALL_TIMEOUT).await.map(|_| ())
+            node.call(to, w, payload, OBJECT_CALL_TIMEOUT)
+                .await
+                .map(|_| ())
         }
-        Err(ClientError::Peer(e)) if kind == WriteKind::Remove && e.code == ErrorCode::NotFound => Ok(()),
+        Err(ClientError::Peer(e)) if kind == WriteKind::Remove && e.code == ErrorCode::NotFound => {
+            Ok(())
+        }
         Err(e) => Err(e),
     }
 }
@@ -190,7 +231,10 @@ async fn mark_stale(node: &Node, to: &NodeInfo, oid: Oid, epoch: u32) -> Result<
         (_, Ok(())) | (Ok(_), _) => Ok(()),
         (Err(_), Err(e)) => Err(PeerError::new(
             ErrorCode::Io,
-            format!("object {oid}: replica on {} missed a write and cannot be marked stale: {e}", to.addr),
+            format!(
+                "object {oid}: replica on {} missed a write and cannot be marked stale: {e}",
+                to.addr
+            ),
         )),
     }
 }
@@ -198,7 +242,13 @@ async fn mark_stale(node: &Node, to: &NodeInfo, oid: Oid, epoch: u32) -> Result<
 /// Reads a range of `oid` from one replica: this node first, then the others in
 /// placement order. A replica whose copy fails its checksum is repaired from the good
 /// copy after the read succeeds.
-pub async fn read_object_replicas(node: &Node, oid: Oid, offset: u64, len: u32, copies: usize) -> Result<Vec<u8>, PeerError> {
+pub async fn read_object_replicas(
+    node: &Node,
+    oid: Oid,
+    offset: u64,
+    len: u32,
+    copies: usize,
+) -> Result<Vec<u8>, PeerError> {
     for _ in 0..ATTEMPTS_MAX {
         let view = node.view();
         if !view.serving {
@@ -248,19 +298,43 @@ pub async fn read_object_replicas(node: &Node, oid: Oid, offset: u64, len: u32, 
         }
         let all_absent = !codes.is_empty() && codes.iter().all(|c| *c == ErrorCode::NotFound);
         if targets.is_empty() {
-            return Err(PeerError::new(ErrorCode::NoQuorum, format!("object {oid}: no live replica")));
+            return Err(PeerError::new(
+                ErrorCode::NoQuorum,
+                format!("object {oid}: no live replica"),
+            ));
         }
-        let code = if all_absent { ErrorCode::NotFound } else { ErrorCode::NotRecovered };
-        return Err(PeerError::new(code, format!("object {oid}: no replica could serve the read ({})", errors.join("; "))));
+        let code = if all_absent {
+            ErrorCode::NotFound
+        } else {
+            ErrorCode::NotRecovered
+        };
+        return Err(PeerError::new(
+            code,
+            format!(
+                "object {oid}: no replica could serve the read ({})",
+                errors.join("; ")
+            ),
+        ));
     }
-    Err(PeerError::new(ErrorCode::Io, format!("object {oid}: too many epoch changes")))
+    Err(PeerError::new(
+        ErrorCode::Io,
+        format!("object {oid}: too many epoch changes"),
+    ))
 }
 
 /// Read-repair: copies the whole object from `good` over `bad`'s corrupt copy, with the
 /// good copy's stamp. Best effort; a failure leaves the copy to recovery.
 async fn repair(node: &Node, bad: &NodeInfo, good: &NodeInfo, oid: Oid, epoch: u32) {
     let result: Result<(), ClientError> = async {
-        let stamp = node.call(good, object_header(Opcode::ObjStamp, epoch, oid, 0, 0), Vec::new(), OBJECT_CALL_TIMEOUT).await?.0;
+        let stamp = node
+            .call(
+                good,
+                object_header(Opcode::ObjStamp, epoch, oid, 0, 0),
+                Vec::new(),
+                OBJECT_CALL_TIMEOUT,
+            )
+            .await?
+            .0;
         let Some(size) = node.store().map(|s| oid.capacity(s.object_size())) else {
             return Ok(());
         };
@@ -275,7 +349,9 @@ async fn repair(node: &Node, bad: &NodeInfo, good: &NodeInfo, oid: Oid, epoch: u
     }
     .await;
     match result {
-        Ok(()) => tracing::warn!(%oid, node = %bad.uuid, "repaired a replica that failed its checksum"),
+        Ok(()) => {
+            tracing::warn!(%oid, node = %bad.uuid, "repaired a replica that failed its checksum")
+        }
         Err(e) => tracing::error!(%oid, node = %bad.uuid, error = %e, "read-repair failed"),
     }
 }

@@ -124,7 +124,11 @@ async fn run_request(node: &Node, header: Header, payload: Vec<u8>) -> (Header, 
     };
     let epoch = node.view().epoch();
     match outcome {
-        Ok(Outcome { payload, generation, epoch: stamp_epoch }) => {
+        Ok(Outcome {
+            payload,
+            generation,
+            epoch: stamp_epoch,
+        }) => {
             let mut h = header.reply(0);
             h.generation = generation;
             h.epoch = stamp_epoch.unwrap_or(epoch);

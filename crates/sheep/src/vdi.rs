@@ -9,8 +9,9 @@ use crate::replicate::{replicate, Policy, WriteKind};
 use futures::future::join_all;
 use proto::inode::{vdi_size_max, VdiHeader, CACHE_MODES, SECTOR_SIZE, VDI_NAME_MAX};
 use proto::msg::{
-    self, MemberInfo, VdiCreateRequest, VdiInfo, VdiListReply, VdiLockInfo, VdiLockListReply, VdiNameRequest, VdiObjectReply, VdiObjectRequest,
-    VdiResizeRequest, VdiSetRequest, VdiUnlockRequest,
+    self, MemberInfo, VdiCreateRequest, VdiInfo, VdiListReply, VdiLockInfo, VdiLockListReply,
+    VdiNameRequest, VdiObjectReply, VdiObjectRequest, VdiResizeRequest, VdiSetRequest,
+    VdiUnlockRequest,
 };
 use proto::{ErrorCode, Header, Oid, PeerError, Vid};
 
@@ -22,20 +23,26 @@ fn now_unix() -> u64 {
 }
 
 fn formatted(node: &Node) -> Result<cluster::ClusterConfig, PeerError> {
-    node.view()
-        .membership
-        .config
-        .clone()
-        .ok_or_else(|| PeerError::new(ErrorCode::NotFormatted, "cluster is not formatted; run `dog cluster format`"))
+    node.view().membership.config.clone().ok_or_else(|| {
+        PeerError::new(
+            ErrorCode::NotFormatted,
+            "cluster is not formatted; run `dog cluster format`",
+        )
+    })
 }
 
 fn check_size(size: u64, object_size: u32) -> Result<(), PeerError> {
-    if size == 0 || size % SECTOR_SIZE != 0 {
-        return Err(invalid(format!("size {size} is not a positive multiple of {SECTOR_SIZE} bytes")));
+    if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
+        return Err(invalid(format!(
+            "size {size} is not a positive multiple of {SECTOR_SIZE} bytes"
+        )));
     }
     let max = vdi_size_max(object_size);
     if size > max {
-        return Err(PeerError::new(ErrorCode::TooLarge, format!("size {size} exceeds the maximum VDI size {max}")));
+        return Err(PeerError::new(
+            ErrorCode::TooLarge,
+            format!("size {size} exceeds the maximum VDI size {max}"),
+        ));
     }
     Ok(())
 }
@@ -62,8 +69,15 @@ pub async fn lookup(node: &Node, name: &str) -> Result<Vid, PeerError> {
 pub async fn create(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     let req: VdiCreateRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
     let cfg = formatted(node)?;
-    if req.name.is_empty() || req.name.len() > VDI_NAME_MAX || req.name.contains('/') || req.name.chars().any(char::is_control) {
-        return Err(invalid(format!("invalid VDI name '{}': 1 to {VDI_NAME_MAX} bytes, no '/' or control characters", req.name)));
+    if req.name.is_empty()
+        || req.name.len() > VDI_NAME_MAX
+        || req.name.contains('/')
+        || req.name.chars().any(char::is_control)
+    {
+        return Err(invalid(format!(
+            "invalid VDI name '{}': 1 to {VDI_NAME_MAX} bytes, no '/' or control characters",
+            req.name
+        )));
     }
     check_size(req.size, cfg.object_size)?;
     let copies = req.copies.unwrap_or(cfg.copies);
@@ -79,9 +93,15 @@ pub async fn create(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     }
     let min_copies = req.min_copies.unwrap_or(copies - copies / 2);
     if min_copies == 0 || min_copies > copies {
-        return Err(invalid(format!("min-copies must be between 1 and copies ({copies})")));
+        return Err(invalid(format!(
+            "min-copies must be between 1 and copies ({copies})"
+        )));
     }
-    let vid = node.driver.vdi_create(&req.name).await.map_err(from_cluster)?;
+    let vid = node
+        .driver
+        .vdi_create(&req.name)
+        .await
+        .map_err(from_cluster)?;
     let header = VdiHeader {
         name: req.name.clone(),
         vid,
@@ -97,7 +117,12 @@ pub async fn create(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
         cache_mode: check_cache_mode(req.cache_mode.as_deref().unwrap_or(CACHE_MODES[0]))?,
     };
     let bytes = header.encode().map_err(|e| invalid(e.to_string()))?;
-    let policy = Policy { copies: copies as usize, min_copies: min_copies as usize, durable: true, fence: 0 };
+    let policy = Policy {
+        copies: copies as usize,
+        min_copies: min_copies as usize,
+        durable: true,
+        fence: 0,
+    };
     let made = replicate(node, WriteKind::Create, Oid::inode(vid), 0, &bytes, policy).await;
     if let Err(e) = made {
         // Roll the registry back so the name is free again (the vid stays retired).
@@ -138,7 +163,15 @@ fn check_cache_mode(mode: &str) -> Result<String, PeerError> {
 async fn store_header(node: &Node, h: &VdiHeader) -> Result<(), PeerError> {
     let bytes = h.encode().map_err(|e| invalid(e.to_string()))?;
     let v = open_vdi(node, h.vid, Refresh::Cached).await?;
-    replicate(node, WriteKind::Write, Oid::inode(h.vid), 0, &bytes, v.policy(true)).await?;
+    replicate(
+        node,
+        WriteKind::Write,
+        Oid::inode(h.vid),
+        0,
+        &bytes,
+        v.policy(true),
+    )
+    .await?;
     open_vdi(node, h.vid, Refresh::Header).await?;
     Ok(())
 }
@@ -151,7 +184,11 @@ pub async fn set(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     let mut h = v.header();
     match req.key.as_str() {
         "cache" => h.cache_mode = check_cache_mode(&req.value)?,
-        other => return Err(invalid(format!("unknown VDI setting '{other}': expected 'cache'"))),
+        other => {
+            return Err(invalid(format!(
+                "unknown VDI setting '{other}': expected 'cache'"
+            )))
+        }
     }
     store_header(node, &h).await?;
     Ok(Outcome::json(&info_of(&h, v.allocated())))
@@ -165,7 +202,11 @@ pub async fn lock_list(node: &Node) -> Result<Outcome, PeerError> {
     let locks = locks
         .into_iter()
         .map(|l| VdiLockInfo {
-            name: names.iter().find(|e| e.vid == l.vid).map(|e| e.name.clone()).unwrap_or_default(),
+            name: names
+                .iter()
+                .find(|e| e.vid == l.vid)
+                .map(|e| e.name.clone())
+                .unwrap_or_default(),
             vid: l.vid,
             holder: l.holder,
             holder_addr: view.member(l.holder).map(|m| m.addr.clone()),
@@ -226,7 +267,10 @@ pub async fn delete(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     let vid = lookup(node, &req.name).await?;
     let state = open_vdi(node, vid, Refresh::All).await;
     // Unregister first: from now on nobody can open it; the vid is never reused.
-    node.driver.vdi_delete(&req.name, vid).await.map_err(from_cluster)?;
+    node.driver
+        .vdi_delete(&req.name, vid)
+        .await
+        .map_err(from_cluster)?;
     node.gateway.forget(vid);
     if let Ok(v) = state {
         let policy = v.policy(true).with_min_copies(1);
@@ -252,7 +296,10 @@ pub async fn resize(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     let mut h = v.header();
     check_size(req.size, cfg.object_size)?;
     if req.size < h.size {
-        return Err(invalid(format!("cannot shrink '{}' from {} to {} bytes", h.name, h.size, req.size)));
+        return Err(invalid(format!(
+            "cannot shrink '{}' from {} to {} bytes",
+            h.name, h.size, req.size
+        )));
     }
     h.size = req.size;
     store_header(node, &h).await?;
@@ -266,11 +313,20 @@ pub async fn object(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     let v = open_vdi(node, vid, Refresh::Header).await?;
     let h = v.header();
     if req.index >= h.object_count() {
-        return Err(invalid(format!("index {} is past the last object ({})", req.index, h.object_count().saturating_sub(1))));
+        return Err(invalid(format!(
+            "index {} is past the last object ({})",
+            req.index,
+            h.object_count().saturating_sub(1)
+        )));
     }
     let owner = gateway::owner_of(node, &v, req.index).await?;
     let oid = Oid::data(if owner == 0 { vid } else { owner }, req.index);
-    let nodes = node.view().replicas(oid, h.copies as usize).iter().map(member_info).collect();
+    let nodes = node
+        .view()
+        .replicas(oid, h.copies as usize)
+        .iter()
+        .map(member_info)
+        .collect();
     Ok(Outcome::json(&VdiObjectReply {
         oid: oid.to_string(),
         index: req.index,
@@ -280,7 +336,11 @@ pub async fn object(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
 }
 
 /// Opens the VDI named by a data request's inode oid and checks the range.
-async fn io_target(node: &Node, h: &Header, len: u64) -> Result<std::sync::Arc<gateway::VdiState>, PeerError> {
+async fn io_target(
+    node: &Node,
+    h: &Header,
+    len: u64,
+) -> Result<std::sync::Arc<gateway::VdiState>, PeerError> {
     formatted(node)?;
     let oid = Oid::from_raw(h.oid).map_err(|e| invalid(e.to_string()))?;
     if !oid.is_inode() {
@@ -291,7 +351,10 @@ async fn io_target(node: &Node, h: &Header, len: u64) -> Result<std::sync::Arc<g
     if h.offset.checked_add(len).is_none_or(|end| end > size) {
         return Err(PeerError::new(
             ErrorCode::InvalidRequest,
-            format!("range {}+{} is past the end of the VDI ({size} bytes)", h.offset, len),
+            format!(
+                "range {}+{} is past the end of the VDI ({size} bytes)",
+                h.offset, len
+            ),
         ));
     }
     Ok(v)
@@ -299,7 +362,9 @@ async fn io_target(node: &Node, h: &Header, len: u64) -> Result<std::sync::Arc<g
 
 pub async fn read(node: &Node, h: &Header) -> Result<Outcome, PeerError> {
     let v = io_target(node, h, h.length as u64).await?;
-    Ok(Outcome::data(gateway::read(node, &v, h.offset, h.length as u64).await?))
+    Ok(Outcome::data(
+        gateway::read(node, &v, h.offset, h.length as u64).await?,
+    ))
 }
 
 pub async fn write(node: &Node, h: &Header, data: Vec<u8>) -> Result<Outcome, PeerError> {
@@ -308,7 +373,11 @@ pub async fn write(node: &Node, h: &Header, data: Vec<u8>) -> Result<Outcome, Pe
     let vid = v.header().vid;
     if let Some(lock) = node.driver.lock_get(vid).await.map_err(from_cluster)? {
         if lock.holder != node.uuid {
-            let addr = node.view().member(lock.holder).map(|m| m.addr.clone()).unwrap_or_else(|| "a node that is gone".into());
+            let addr = node
+                .view()
+                .member(lock.holder)
+                .map(|m| m.addr.clone())
+                .unwrap_or_else(|| "a node that is gone".into());
             return Err(PeerError::new(
                 ErrorCode::Locked,
                 format!("VDI '{}' is locked by the gateway at {addr} ({}); write through that node, or `dog vdi lock unlock`", v.header().name, lock.holder),

@@ -19,8 +19,8 @@ use client::ClientError;
 use futures::future::join_all;
 use plan::{plan, Fetch, PlanInput};
 use proto::frame::FLAG_RECOVERY;
-use proto::{ErrorCode, Header, Oid, Opcode, PeerError, Vid};
 pub use proto::msg::RecoveryInfo;
+use proto::{ErrorCode, Header, Oid, Opcode, PeerError, Vid};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -55,7 +55,9 @@ impl Recovery {
             info: Mutex::new(RecoveryInfo::default()),
             throttle: Throttle::new(throttle_bps),
             unverified: Mutex::new(HashSet::new()),
-            stripes: (0..RECOVERY_STRIPES).map(|_| tokio::sync::RwLock::new(())).collect(),
+            stripes: (0..RECOVERY_STRIPES)
+                .map(|_| tokio::sync::RwLock::new(()))
+                .collect(),
             wake: Notify::new(),
             window: Mutex::new((Instant::now(), 0)),
         }
@@ -64,21 +66,34 @@ impl Recovery {
     pub fn info(&self) -> RecoveryInfo {
         let mut i = self.info.lock().unwrap_or_else(|p| p.into_inner()).clone();
         i.throttle_bps = self.throttle.rate();
-        i.unverified = self.unverified.lock().unwrap_or_else(|p| p.into_inner()).len() as u64;
+        i.unverified = self
+            .unverified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as u64;
         i
     }
 
     /// Marks every copy in the store as unverified (at start, and after a rejoin).
     pub fn distrust(&self, oids: impl IntoIterator<Item = Oid>) {
-        self.unverified.lock().unwrap_or_else(|p| p.into_inner()).extend(oids);
+        self.unverified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(oids);
     }
 
     pub fn is_unverified(&self, oid: Oid) -> bool {
-        self.unverified.lock().unwrap_or_else(|p| p.into_inner()).contains(&oid)
+        self.unverified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&oid)
     }
 
     fn verified(&self, oid: Oid) {
-        self.unverified.lock().unwrap_or_else(|p| p.into_inner()).remove(&oid);
+        self.unverified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&oid);
     }
 
     /// Starts a round soon (after an epoch change).
@@ -125,15 +140,19 @@ pub fn encode_list(list: &[(Oid, Stamp)]) -> Vec<u8> {
 
 /// Decodes an object list received from a peer.
 pub fn decode_list(b: &[u8]) -> Result<Vec<(Oid, Stamp)>, PeerError> {
-    if b.len() % LIST_ENTRY_LEN != 0 {
-        return Err(PeerError::new(ErrorCode::InvalidRequest, "object list of a bad length"));
+    if !b.len().is_multiple_of(LIST_ENTRY_LEN) {
+        return Err(PeerError::new(
+            ErrorCode::InvalidRequest,
+            "object list of a bad length",
+        ));
     }
     b.chunks_exact(LIST_ENTRY_LEN)
         .map(|c| {
             let raw = u64::from_le_bytes(c[0..8].try_into().unwrap_or_default());
             let epoch = u32::from_le_bytes(c[8..12].try_into().unwrap_or_default());
             let generation = u64::from_le_bytes(c[12..20].try_into().unwrap_or_default());
-            let oid = Oid::from_raw(raw).map_err(|e| PeerError::new(ErrorCode::InvalidRequest, e.to_string()))?;
+            let oid = Oid::from_raw(raw)
+                .map_err(|e| PeerError::new(ErrorCode::InvalidRequest, e.to_string()))?;
             Ok((oid, Stamp::new(epoch, generation)))
         })
         .collect()
@@ -176,7 +195,11 @@ pub fn spawn(node: Arc<Node>) {
         let mut membership = node.driver.subscribe();
         let mut pending = false;
         loop {
-            let retry = tokio::time::sleep(if pending { HANDOFF_RETRY } else { Duration::from_secs(3600) });
+            let retry = tokio::time::sleep(if pending {
+                HANDOFF_RETRY
+            } else {
+                Duration::from_secs(3600)
+            });
             tokio::select! {
                 _ = node.recovery.wake.notified() => {}
                 c = membership.changed() => if c.is_err() { break },
@@ -203,7 +226,11 @@ async fn run_round(node: &Node) -> Result<u64, PeerError> {
     }
     let epoch = view.epoch();
     let started = Instant::now();
-    let entries = node.driver.vdi_list().await.map_err(crate::error::from_cluster)?;
+    let entries = node
+        .driver
+        .vdi_list()
+        .await
+        .map_err(crate::error::from_cluster)?;
     let live: HashSet<Vid> = entries.iter().map(|e| e.vid).collect();
     let mut copies: HashMap<Vid, usize> = HashMap::new();
     for e in &entries {
@@ -218,7 +245,11 @@ async fn run_round(node: &Node) -> Result<u64, PeerError> {
         }
         let h = obj_header(Opcode::ListObjs, epoch, Oid::inode(1), 0);
         let r = node.call(m, h, Vec::new(), OBJECT_CALL_TIMEOUT).await;
-        (m.uuid, r.map_err(|e| e.to_peer_error()).and_then(|(_, b)| decode_list(&b)))
+        (
+            m.uuid,
+            r.map_err(|e| e.to_peer_error())
+                .and_then(|(_, b)| decode_list(&b)),
+        )
     }))
     .await;
     let mut holdings = HashMap::new();
@@ -248,11 +279,20 @@ async fn run_round(node: &Node) -> Result<u64, PeerError> {
     for oid in &p.current {
         node.recovery.verified(*oid);
     }
-    tracing::info!(epoch, fetch = p.fetch.len(), handoff = p.handoff.len(), deleted = p.deleted.len(), "recovery round");
+    tracing::info!(
+        epoch,
+        fetch = p.fetch.len(),
+        handoff = p.handoff.len(),
+        deleted = p.deleted.len(),
+        "recovery round"
+    );
     let round = async {
         for f in &p.fetch {
             if node.view().epoch() != epoch {
-                return Err(PeerError::new(ErrorCode::StaleEpoch, "epoch changed during recovery; restarting"));
+                return Err(PeerError::new(
+                    ErrorCode::StaleEpoch,
+                    "epoch changed during recovery; restarting",
+                ));
             }
             match fetch_object(node, f, epoch).await {
                 Ok(()) => node.recovery.update(|i| i.recovered += 1),
@@ -269,7 +309,11 @@ async fn run_round(node: &Node) -> Result<u64, PeerError> {
     node.recovery.update(|i| {
         i.running = false;
         i.busy_secs_total += busy;
-        i.rate_bps = if busy > 0.0 { (i.bytes as f64 / busy) as u64 } else { 0 };
+        i.rate_bps = if busy > 0.0 {
+            (i.bytes as f64 / busy) as u64
+        } else {
+            0
+        };
         if result.is_ok() && i.failed == 0 {
             i.done_epoch = Some(epoch);
         }
@@ -298,22 +342,39 @@ async fn run_round(node: &Node) -> Result<u64, PeerError> {
     node.recovery.update(|i| i.pending_handoff = left);
     let failed = node.recovery.info().failed;
     if failed > 0 {
-        return Err(PeerError::new(ErrorCode::NotRecovered, format!("{failed} object(s) could not be recovered")));
+        return Err(PeerError::new(
+            ErrorCode::NotRecovered,
+            format!("{failed} object(s) could not be recovered"),
+        ));
     }
     Ok(left)
 }
 
 /// True when every owner of `oid` at this epoch holds a copy at least as new as ours.
 async fn handed_off(node: &Node, oid: Oid, copies: &HashMap<Vid, usize>, epoch: u32) -> bool {
-    let Some(&want) = copies.get(&oid.vid()) else { return false };
-    let Some(store) = node.store() else { return false };
-    let Ok(ours) = blocking(move || store.stamp(oid)).await else { return false };
+    let Some(&want) = copies.get(&oid.vid()) else {
+        return false;
+    };
+    let Some(store) = node.store() else {
+        return false;
+    };
+    let Ok(ours) = blocking(move || store.stamp(oid)).await else {
+        return false;
+    };
     let view = node.view();
     let owners = view.replicas(oid, want);
     if owners.len() < want || owners.iter().any(|o| o.uuid == node.uuid) {
         return false;
     }
-    let stamps = join_all(owners.iter().map(|o| node.call(o, obj_header(Opcode::ObjStamp, epoch, oid, 0), Vec::new(), OBJECT_CALL_TIMEOUT))).await;
+    let stamps = join_all(owners.iter().map(|o| {
+        node.call(
+            o,
+            obj_header(Opcode::ObjStamp, epoch, oid, 0),
+            Vec::new(),
+            OBJECT_CALL_TIMEOUT,
+        )
+    }))
+    .await;
     stamps.into_iter().all(|r| match r {
         Ok((h, _)) => Stamp::new(h.epoch, h.generation) >= ours,
         Err(_) => false,
@@ -337,7 +398,10 @@ async fn fetch_object(node: &Node, f: &Fetch, epoch: u32) -> Result<(), PeerErro
         }
     }
     let view = node.view();
-    let mut last = PeerError::new(ErrorCode::NotRecovered, format!("object {}: no source", f.oid));
+    let mut last = PeerError::new(
+        ErrorCode::NotRecovered,
+        format!("object {}: no source", f.oid),
+    );
     for src in &f.sources {
         let Some(m) = view.member(*src) else { continue };
         let mut h = obj_header(Opcode::ReadObj, epoch, f.oid, size as u32);
@@ -348,7 +412,12 @@ async fn fetch_object(node: &Node, f: &Fetch, epoch: u32) -> Result<(), PeerErro
                 node.recovery.count_bytes(size);
                 return Ok(());
             }
-            Ok(_) => last = PeerError::new(ErrorCode::Io, format!("object {}: short recovery read", f.oid)),
+            Ok(_) => {
+                last = PeerError::new(
+                    ErrorCode::Io,
+                    format!("object {}: short recovery read", f.oid),
+                )
+            }
             Err(e) => last = e.to_peer_error(),
         }
     }
@@ -386,8 +455,22 @@ pub async fn ensure_current(node: &Node, oid: Oid) -> Result<(), PeerError> {
     let epoch = view.epoch();
     let s2 = store.clone();
     let ours = blocking(move || s2.stamp(oid)).await.ok();
-    let others: Vec<_> = view.membership.members.iter().filter(|m| m.uuid != node.uuid).cloned().collect();
-    let stamps = join_all(others.iter().map(|m| node.call(m, obj_header(Opcode::ObjStamp, epoch, oid, 0), Vec::new(), OBJECT_CALL_TIMEOUT))).await;
+    let others: Vec<_> = view
+        .membership
+        .members
+        .iter()
+        .filter(|m| m.uuid != node.uuid)
+        .cloned()
+        .collect();
+    let stamps = join_all(others.iter().map(|m| {
+        node.call(
+            m,
+            obj_header(Opcode::ObjStamp, epoch, oid, 0),
+            Vec::new(),
+            OBJECT_CALL_TIMEOUT,
+        )
+    }))
+    .await;
     let mut newest: Option<(Stamp, &cluster::NodeInfo)> = None;
     for (m, r) in others.iter().zip(stamps) {
         match r {
@@ -397,10 +480,14 @@ pub async fn ensure_current(node: &Node, oid: Oid) -> Result<(), PeerError> {
                     newest = Some((s, m));
                 }
             }
-            Err(ClientError::Peer(e)) if e.code == ErrorCode::NotFound || e.code == ErrorCode::Stale => {}
+            Err(ClientError::Peer(e))
+                if e.code == ErrorCode::NotFound || e.code == ErrorCode::Stale => {}
             Err(e) => {
                 // A member we cannot ask might hold a newer copy: do not guess.
-                return Err(PeerError::new(ErrorCode::NotRecovered, format!("object {oid}: cannot compare with {}: {e}", m.addr)));
+                return Err(PeerError::new(
+                    ErrorCode::NotRecovered,
+                    format!("object {oid}: cannot compare with {}: {e}", m.addr),
+                ));
             }
         }
     }
@@ -417,16 +504,25 @@ pub async fn ensure_current(node: &Node, oid: Oid) -> Result<(), PeerError> {
             let size = oid.capacity(store.object_size());
             let mut h = obj_header(Opcode::ReadObj, epoch, oid, size as u32);
             h.flags |= FLAG_RECOVERY;
-            let (_, data) = node.call(src, h, Vec::new(), OBJECT_CALL_TIMEOUT).await.map_err(|e| e.to_peer_error())?;
+            let (_, data) = node
+                .call(src, h, Vec::new(), OBJECT_CALL_TIMEOUT)
+                .await
+                .map_err(|e| e.to_peer_error())?;
             if data.len() as u64 != size {
-                return Err(PeerError::new(ErrorCode::Io, format!("object {oid}: short recovery read")));
+                return Err(PeerError::new(
+                    ErrorCode::Io,
+                    format!("object {oid}: short recovery read"),
+                ));
             }
             install(node, oid, data, n).await?;
             node.recovery.count_bytes(size);
             tracing::info!(%oid, "recovered on demand");
             Ok(())
         }
-        (None, None) => Err(PeerError::new(ErrorCode::NotFound, format!("object {oid} is on no member"))),
+        (None, None) => Err(PeerError::new(
+            ErrorCode::NotFound,
+            format!("object {oid} is on no member"),
+        )),
     }
 }
 
@@ -436,7 +532,10 @@ mod tests {
 
     #[test]
     fn object_lists_round_trip_and_reject_garbage() {
-        let list = vec![(Oid::data(3, 9), Stamp::new(2, 77)), (Oid::inode(3), Stamp::new(1, 1))];
+        let list = vec![
+            (Oid::data(3, 9), Stamp::new(2, 77)),
+            (Oid::inode(3), Stamp::new(1, 1)),
+        ];
         assert_eq!(decode_list(&encode_list(&list)).unwrap(), list);
         assert!(decode_list(&[0u8; 19]).is_err());
         assert!(decode_list(&[0u8; 20]).is_err(), "vid 0 is not a valid oid");

@@ -54,10 +54,17 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let mut copies_of: BTreeMap<Oid, Vec<Copy>> = BTreeMap::new();
     for (node, list) in input.holdings {
         for &(oid, stamp) in list {
-            copies_of.entry(oid).or_default().push(Copy { node: *node, stamp });
+            copies_of
+                .entry(oid)
+                .or_default()
+                .push(Copy { node: *node, stamp });
         }
     }
-    let mine: HashMap<Oid, Stamp> = input.holdings.get(&input.me).map(|l| l.iter().copied().collect()).unwrap_or_default();
+    let mine: HashMap<Oid, Stamp> = input
+        .holdings
+        .get(&input.me)
+        .map(|l| l.iter().copied().collect())
+        .unwrap_or_default();
     let mut out = Plan::default();
     for (oid, copies) in &copies_of {
         let Some(&want) = input.copies.get(&oid.vid()) else {
@@ -78,7 +85,11 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             }
             local => {
                 if owned {
-                    let mut sources: Vec<Uuid> = copies.iter().filter(|c| c.stamp == newest && c.node != input.me).map(|c| c.node).collect();
+                    let mut sources: Vec<Uuid> = copies
+                        .iter()
+                        .filter(|c| c.stamp == newest && c.node != input.me)
+                        .map(|c| c.node)
+                        .collect();
                     // Prefer sources that are owners (they stay), then by uuid for determinism.
                     let owner_set: HashSet<Uuid> = owners.iter().copied().collect();
                     sources.sort_by_key(|u| (!owner_set.contains(u), *u));
@@ -108,7 +119,9 @@ mod tests {
     }
 
     fn ring(n: u8) -> Ring {
-        let nodes: Vec<PlacementNode> = (1..=n).map(|i| PlacementNode::new(node(i), i as u32)).collect();
+        let nodes: Vec<PlacementNode> = (1..=n)
+            .map(|i| PlacementNode::new(node(i), i as u32))
+            .collect();
         Ring::new(&nodes)
     }
 
@@ -128,9 +141,18 @@ mod tests {
         holdings.insert(others[0], vec![(oid, st(5))]);
         holdings.insert(others[1], vec![(oid, st(7))]);
         let copies = HashMap::from([(1, 3)]);
-        let p = plan(&PlanInput { me: newcomer, ring: &r, copies: &copies, holdings: &holdings });
+        let p = plan(&PlanInput {
+            me: newcomer,
+            ring: &r,
+            copies: &copies,
+            holdings: &holdings,
+        });
         assert_eq!(p.fetch.len(), 1);
-        assert_eq!(p.fetch[0].sources, vec![others[1]], "only the newest copy is a source");
+        assert_eq!(
+            p.fetch[0].sources,
+            vec![others[1]],
+            "only the newest copy is a source"
+        );
         assert_eq!(p.fetch[0].stamp, st(7));
         assert!(!p.fetch[0].replaces_stale);
     }
@@ -144,11 +166,21 @@ mod tests {
         holdings.insert(node(2), vec![(oid, st(9))]);
         holdings.insert(node(3), vec![(oid, st(9))]);
         let copies = HashMap::from([(1, 3)]);
-        let p = plan(&PlanInput { me: node(1), ring: &r, copies: &copies, holdings: &holdings });
+        let p = plan(&PlanInput {
+            me: node(1),
+            ring: &r,
+            copies: &copies,
+            holdings: &holdings,
+        });
         assert!(p.current.is_empty());
         assert_eq!(p.fetch.len(), 1);
         assert!(p.fetch[0].replaces_stale);
-        let p2 = plan(&PlanInput { me: node(2), ring: &r, copies: &copies, holdings: &holdings });
+        let p2 = plan(&PlanInput {
+            me: node(2),
+            ring: &r,
+            copies: &copies,
+            holdings: &holdings,
+        });
         assert_eq!(p2.current, vec![oid]);
         assert!(p2.fetch.is_empty());
     }
@@ -158,11 +190,19 @@ mod tests {
         let r = ring(4);
         let copies = HashMap::from([(1, 1)]);
         // Find an object node 1 does not own with one copy.
-        let oid = (0..100).map(|i| Oid::data(1, i)).find(|o| r.replicas(o.raw(), 1)[0] != node(1)).unwrap();
+        let oid = (0..100)
+            .map(|i| Oid::data(1, i))
+            .find(|o| r.replicas(o.raw(), 1)[0] != node(1))
+            .unwrap();
         let gone = Oid::data(2, 0);
         let mut holdings = HashMap::new();
         holdings.insert(node(1), vec![(oid, st(3)), (gone, st(3))]);
-        let p = plan(&PlanInput { me: node(1), ring: &r, copies: &copies, holdings: &holdings });
+        let p = plan(&PlanInput {
+            me: node(1),
+            ring: &r,
+            copies: &copies,
+            holdings: &holdings,
+        });
         assert_eq!(p.handoff, vec![oid]);
         assert_eq!(p.deleted, vec![gone]);
         assert!(p.fetch.is_empty());
@@ -174,11 +214,28 @@ mod tests {
         let oid = Oid::data(4, 4);
         let owners = r.replicas(oid.raw(), 2);
         let me = owners[0];
-        let holdings: HashMap<Uuid, Vec<(Oid, Stamp)>> = (1..=5).map(node).filter(|u| *u != me).map(|u| (u, vec![(oid, st(2))])).collect();
+        let holdings: HashMap<Uuid, Vec<(Oid, Stamp)>> = (1..=5)
+            .map(node)
+            .filter(|u| *u != me)
+            .map(|u| (u, vec![(oid, st(2))]))
+            .collect();
         let copies = HashMap::from([(4, 2)]);
-        let a = plan(&PlanInput { me, ring: &r, copies: &copies, holdings: &holdings });
-        let b = plan(&PlanInput { me, ring: &r, copies: &copies, holdings: &holdings });
+        let a = plan(&PlanInput {
+            me,
+            ring: &r,
+            copies: &copies,
+            holdings: &holdings,
+        });
+        let b = plan(&PlanInput {
+            me,
+            ring: &r,
+            copies: &copies,
+            holdings: &holdings,
+        });
         assert_eq!(a, b);
-        assert_eq!(a.fetch[0].sources[0], owners[1], "the other owner is tried first");
+        assert_eq!(
+            a.fetch[0].sources[0], owners[1],
+            "the other owner is tried first"
+        );
     }
 }

@@ -62,7 +62,10 @@ mod tests {
         }
         // Five 1 MiB grants at 1 MiB/s: the fifth starts after four seconds.
         let elapsed = start.elapsed();
-        assert!(elapsed >= Duration::from_secs(4) && elapsed < Duration::from_millis(4100), "{elapsed:?}");
+        assert!(
+            elapsed >= Duration::from_secs(4) && elapsed < Duration::from_millis(4100),
+            "{elapsed:?}"
+        );
     }
 
     #[tokio::test]
