@@ -41,6 +41,20 @@ pub enum ClusterError {
         expected_epoch: u32,
         current_epoch: u32,
     },
+    /// The cluster is shut down: nothing is served or changed until the nodes of its
+    /// last running epoch are back (`missing` are the ones still awaited).
+    #[error(
+        "cluster is shut down; waiting for {} node(s) of epoch {last_epoch} to return: {}",
+        .missing.len(),
+        uuid_list(.missing)
+    )]
+    Stopped { last_epoch: u32, missing: Vec<Uuid> },
+    /// `force_start` on a cluster that is running.
+    #[error("cluster is running, not shut down")]
+    NotStopped,
+    /// `force_start` before any node has returned: the cluster would have no members.
+    #[error("no live node has returned since the shutdown; start at least one first")]
+    NoneReturned,
     /// The node is not a member of the current membership.
     #[error("node {0} is not a cluster member")]
     NotMember(Uuid),
@@ -66,6 +80,12 @@ pub enum ClusterError {
     /// A record of the shared state that cannot be trusted. Fatal: needs an operator.
     #[error("corrupt cluster record {path}: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+}
+
+/// `a, b, c` for an error message.
+fn uuid_list(uuids: &[Uuid]) -> String {
+    let texts: Vec<String> = uuids.iter().map(Uuid::to_string).collect();
+    texts.join(", ")
 }
 
 impl ClusterError {

@@ -23,8 +23,12 @@ pub enum ClusterCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Stop every node cleanly.
+    /// Stop every node cleanly. Starting the nodes again (e.g. `dog local start I`)
+    /// returns the cluster to service once every member of its last epoch is back.
     Shutdown,
+    /// Start a shut-down cluster with the nodes that are back, without waiting for the
+    /// missing ones (when a node is gone for good).
+    ForceStart,
     /// Verify that every object of every VDI has `copies` identical, current replicas on
     /// the nodes placement names. Exit code 0 only when clean.
     Check {
@@ -95,9 +99,17 @@ pub async fn run(addr: &str, cmd: ClusterCmd) -> Result<()> {
                 anyhow::bail!("{} problem(s) found", r.problems.len());
             }
         }
+        ClusterCmd::ForceStart => {
+            let info: ClusterInfoReply = sheep.json(Opcode::ClusterForceStart, &()).await?;
+            println!(
+                "cluster started at epoch {} with {} node(s)",
+                info.epoch,
+                info.members.len()
+            );
+        }
         ClusterCmd::Shutdown => {
             sheep.op(Opcode::ClusterShutdown, &()).await?;
-            println!("shutdown requested: every node is leaving the cluster");
+            println!("cluster shut down: every node drained its NBD clients and stopped");
         }
     }
     Ok(())

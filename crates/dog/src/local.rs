@@ -177,11 +177,24 @@ fn spawn_node(dir: &Path, cfg: &LocalConfig, i: u32) -> Result<()> {
 async fn wait_serving(dir: &Path, cfg: &LocalConfig, i: u32) -> Result<NodeInfoReply> {
     let deadline = Instant::now() + START_TIMEOUT;
     let addr = cfg.peer_addr(i);
+    let idx = i;
     loop {
         let last = match Sheep::connect(&addr).await {
             Ok(s) => match s.json::<_, NodeInfoReply>(Opcode::NodeInfo, &()).await {
                 Ok(n) if n.serving => return Ok(n),
-                Ok(_) => "not serving yet".to_string(),
+                Ok(n) => {
+                    // A cluster that was shut down waits for all its last members: the
+                    // node is up, and says what the cluster is waiting for.
+                    let info: Option<ClusterInfoReply> =
+                        s.json(Opcode::ClusterInfo, &()).await.ok();
+                    match info {
+                        Some(i) if i.status.starts_with("shut down") => {
+                            eprintln!("node {idx} is up; cluster {}", i.status);
+                            return Ok(n);
+                        }
+                        _ => "not serving yet".to_string(),
+                    }
+                }
                 Err(e) => e.to_string(),
             },
             Err(e) => e.to_string(),

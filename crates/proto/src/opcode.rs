@@ -44,6 +44,12 @@ pub enum Opcode {
     NodeShutdown = 34,
     /// Test-only: simulate a power cut of this node (fault-injection stores only).
     DebugPowerCut = 35,
+    /// Stop serving NBD: finish, flush and close every connection (releasing VDI
+    /// locks); the node stays a member. First step of a cluster shutdown.
+    NodeDrain = 36,
+    /// Start a shut-down cluster with the nodes that returned, without waiting for the
+    /// missing ones.
+    ClusterForceStart = 37,
     VdiCreate = 40,
     VdiDelete = 41,
     VdiList = 42,
@@ -94,6 +100,8 @@ impl TryFrom<u16> for Opcode {
             33 => ClusterShutdown,
             34 => NodeShutdown,
             35 => DebugPowerCut,
+            36 => NodeDrain,
+            37 => ClusterForceStart,
             40 => VdiCreate,
             41 => VdiDelete,
             42 => VdiList,
@@ -145,6 +153,6 @@ mod tests {
                 known += 1;
             }
         }
-        assert_eq!(known, 32);
+        assert_eq!(known, 34);
     }
 }

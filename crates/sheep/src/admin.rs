@@ -42,13 +42,27 @@ pub async fn node_info(node: &Node) -> Result<Outcome, PeerError> {
 pub async fn cluster_info(node: &Node) -> Result<Outcome, PeerError> {
     let view = node.refresh().await?;
     let m = &view.membership;
-    Ok(Outcome::json(&ClusterInfoReply {
-        status: if m.config.is_some() {
-            "running"
-        } else {
-            "waiting for format"
+    let status = match &m.status {
+        cluster::ClusterStatus::Stopped { last_epoch, .. } => {
+            let missing: Vec<String> = m
+                .missing()
+                .iter()
+                .map(|n| format!("{} ({})", n.uuid, n.addr))
+                .collect();
+            if missing.is_empty() {
+                format!("shut down at epoch {last_epoch}, starting")
+            } else {
+                format!(
+                    "shut down at epoch {last_epoch}, waiting for: {}",
+                    missing.join(", ")
+                )
+            }
         }
-        .to_string(),
+        _ if m.config.is_none() => "waiting for format".to_string(),
+        _ => "running".to_string(),
+    };
+    Ok(Outcome::json(&ClusterInfoReply {
+        status,
         epoch: m.epoch,
         members: m.members.iter().map(member_info).collect(),
         config: m.config.as_ref().map(|c| ClusterConfigInfo {
@@ -107,22 +121,53 @@ pub async fn format(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     cluster_info(node).await
 }
 
-/// Asks every other member to stop cleanly, then stops this node.
+/// Shuts the whole cluster down: every node drains NBD (connections flush and release
+/// their VDI locks), then the cluster is marked stopped with its last members recorded;
+/// every node sees that and exits without leaving. Starting the nodes again returns the
+/// cluster to service once all of them are back.
 pub async fn cluster_shutdown(node: &Node) -> Result<Outcome, PeerError> {
     let view = node.refresh().await?;
-    for m in view
-        .membership
-        .members
-        .iter()
-        .filter(|m| m.uuid != node.uuid)
-    {
-        let h = Header::request(Opcode::NodeShutdown, 0, view.epoch());
-        if let Err(e) = node.call(m, h, Vec::new(), Duration::from_secs(5)).await {
-            tracing::warn!(node = %m.addr, error = %e, "could not ask node to stop");
+    if view.membership.config.is_none() {
+        for m in view
+            .membership
+            .members
+            .iter()
+            .filter(|m| m.uuid != node.uuid)
+        {
+            let h = Header::request(Opcode::NodeShutdown, 0, view.epoch());
+            if let Err(e) = node.call(m, h, Vec::new(), Duration::from_secs(5)).await {
+                tracing::warn!(node = %m.addr, error = %e, "could not ask node to stop");
+            }
         }
+        node.request_shutdown();
+        return Ok(Outcome::default());
     }
+    let epoch = view.epoch();
+    let drains = view.membership.members.iter().map(|m| async move {
+        if m.uuid == node.uuid {
+            node.drain_nbd().await;
+            return;
+        }
+        let h = Header::request(Opcode::NodeDrain, 0, epoch);
+        if let Err(e) = node.call(m, h, Vec::new(), Duration::from_secs(60)).await {
+            tracing::warn!(node = %m.addr, error = %e, "could not drain node before shutdown");
+        }
+    });
+    futures::future::join_all(drains).await;
+    let m = node.driver.shutdown_cluster().await.map_err(from_cluster)?;
+    tracing::warn!(epoch = m.epoch, "cluster shut down");
+    node.apply(m).await?;
+    node.stopped_with_cluster
+        .store(true, std::sync::atomic::Ordering::Release);
     node.request_shutdown();
     Ok(Outcome::default())
+}
+
+/// Starts a shut-down cluster with the nodes that have returned.
+pub async fn force_start(node: &Node) -> Result<Outcome, PeerError> {
+    let m = node.driver.force_start().await.map_err(from_cluster)?;
+    node.apply(m).await?;
+    cluster_info(node).await
 }
 
 /// Test only: drops every write not yet made durable, then dies like a machine losing power.

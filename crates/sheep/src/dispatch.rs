@@ -54,6 +54,11 @@ pub async fn dispatch(
             Ok(Outcome::default())
         }
         Opcode::DebugPowerCut => admin::power_cut(node).await,
+        Opcode::NodeDrain => {
+            node.drain_nbd().await;
+            Ok(Outcome::default())
+        }
+        Opcode::ClusterForceStart => admin::force_start(node).await,
         Opcode::VdiCreate => vdi::create(node, &payload).await,
         Opcode::VdiDelete => vdi::delete(node, &payload).await,
         Opcode::VdiList => vdi::list(node).await,

@@ -26,6 +26,8 @@ pub fn from_cluster(e: cluster::ClusterError) -> PeerError {
         C::VdiExists(_) => ErrorCode::VdiExists,
         C::NoSuchVdi(_) => ErrorCode::NoSuchVdi,
         C::Locked { .. } => ErrorCode::Locked,
+        C::Stopped { .. } => ErrorCode::ShuttingDown,
+        C::NotStopped | C::NoneReturned => ErrorCode::InvalidRequest,
         _ => ErrorCode::Io,
     };
     PeerError::new(code, e.to_string())

@@ -66,23 +66,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     node.recovery.kick();
 
     let server = tokio::spawn(server::serve(node.clone(), listener));
-    let nbd_server = match &opts.nbd {
-        Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("NBD listening on {addr}"))?;
-            let provider = Arc::new(export::SheepExports::new(&node));
-            let stop = nbd_shutdown_signal(&node);
-            tracing::info!(%addr, "serving VDIs over NBD");
-            Some(tokio::spawn(nbd::serve(
-                l,
-                provider,
-                nbd::ServerConfig::default(),
-                stop,
-            )))
-        }
-        None => None,
-    };
+    if let Some(addr) = &opts.nbd {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("NBD listening on {addr}"))?;
+        let provider = Arc::new(export::SheepExports::new(&node));
+        let stop = node.nbd_stop_signal();
+        tracing::info!(%addr, "serving VDIs over NBD");
+        let task = tokio::spawn(nbd::serve(l, provider, nbd::ServerConfig::default(), stop));
+        *node.nbd_task.lock().await = Some(task);
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut stop = node.shutdown_signal();
@@ -92,17 +85,20 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         _ = stop.changed() => tracing::info!("shutdown requested: leaving the cluster"),
     }
     node.request_shutdown();
-    if let Some(handle) = nbd_server {
-        // Let NBD connections finish: their close flushes and releases VDI locks.
-        if tokio::time::timeout(Duration::from_secs(15), handle)
-            .await
-            .is_err()
-        {
-            tracing::warn!("NBD connections did not finish in time");
-        }
-    }
+    // Let NBD connections finish: their close flushes and releases VDI locks.
+    node.drain_nbd().await;
     if let Some(store) = node.store() {
         let _ = tokio::task::spawn_blocking(move || store.sync_all()).await;
+    }
+    if node
+        .stopped_with_cluster
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        tracing::info!(
+            "cluster shut down; exiting without leaving so the restart waits for this node"
+        );
+        server.abort();
+        return Ok(());
     }
     match tokio::time::timeout(Duration::from_secs(10), driver.leave(node.uuid)).await {
         Ok(Ok(m)) => tracing::info!(epoch = m.epoch, "left the cluster"),
@@ -111,15 +107,4 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     server.abort();
     Ok(())
-}
-
-/// The NBD server's stop signal, following the node's shutdown.
-fn nbd_shutdown_signal(node: &Node) -> tokio::sync::watch::Receiver<bool> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let mut stop = node.shutdown_signal();
-    tokio::spawn(async move {
-        let _ = stop.changed().await;
-        let _ = tx.send(true);
-    });
-    rx
 }

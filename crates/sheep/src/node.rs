@@ -89,6 +89,13 @@ pub struct Node {
     /// Highest VDI lock generation seen in writes, per vid (fencing tokens).
     fences: std::sync::Mutex<std::collections::HashMap<proto::Vid, u64>>,
     shutdown: watch::Sender<bool>,
+    /// Stops the NBD server (drain) without stopping the node.
+    nbd_stop: watch::Sender<bool>,
+    /// The NBD server task, awaited by a drain.
+    pub nbd_task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<std::io::Result<()>>>>,
+    /// Set when the cluster was shut down: the node exits without leaving, so the
+    /// cluster's last members stay recorded for the restart.
+    pub stopped_with_cluster: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -106,6 +113,7 @@ impl Node {
         });
         let pool = Pool::new(node_hello(uuid, cluster), accept);
         let (shutdown, _) = watch::channel(false);
+        let (nbd_stop, _) = watch::channel(false);
         let recovery = crate::recovery::Recovery::new(opts.recovery_max_rate);
         Arc::new(Node {
             opts,
@@ -122,6 +130,9 @@ impl Node {
             last_generation: AtomicU64::new(0),
             fences: Default::default(),
             shutdown,
+            nbd_stop,
+            nbd_task: tokio::sync::Mutex::new(None),
+            stopped_with_cluster: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -195,6 +206,25 @@ impl Node {
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
+    }
+
+    /// The NBD server's stop signal: set by a drain or by shutdown.
+    pub fn nbd_stop_signal(&self) -> watch::Receiver<bool> {
+        self.nbd_stop.subscribe()
+    }
+
+    /// Stops serving NBD: connections finish, flush and release their VDI locks.
+    pub async fn drain_nbd(&self) {
+        let _ = self.nbd_stop.send(true);
+        let task = self.nbd_task.lock().await.take();
+        if let Some(handle) = task {
+            if tokio::time::timeout(Duration::from_secs(30), handle)
+                .await
+                .is_err()
+            {
+                tracing::warn!("NBD connections did not finish in time");
+            }
+        }
     }
 
     pub fn request_shutdown(&self) {
@@ -312,6 +342,27 @@ impl Node {
     /// rejoins, which is always a new epoch.
     async fn check_liveness(&self) {
         if *self.shutdown.borrow() {
+            return;
+        }
+        let view = self.view();
+        if let cluster::ClusterStatus::Stopped { last_epoch, .. } = &view.membership.status {
+            if view.membership.is_present(self.uuid) {
+                let missing: Vec<String> = view
+                    .membership
+                    .missing()
+                    .iter()
+                    .map(|m| format!("{} ({})", m.uuid, m.addr))
+                    .collect();
+                tracing::debug!(
+                    last_epoch,
+                    ?missing,
+                    "cluster shut down; waiting for the members of its last epoch"
+                );
+            } else {
+                tracing::info!("the cluster was shut down: stopping");
+                self.stopped_with_cluster.store(true, Ordering::Release);
+                self.request_shutdown();
+            }
             return;
         }
         let alive = self.driver.still_alive().await;

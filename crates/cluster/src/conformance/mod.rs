@@ -8,6 +8,7 @@
 
 mod membership;
 mod metadata;
+mod restart;
 
 use crate::{ClusterConfig, ClusterDriver, Membership, NodeInfo};
 use async_trait::async_trait;
@@ -64,6 +65,13 @@ pub fn cases<C: TestCluster>() -> Vec<(&'static str, CaseFn<C>)> {
         metadata::lock_break_and_takeover_bump_generation,
         metadata::concurrent_lock_acquires_one_wins,
         metadata::stale_registry_marks_lists_and_clears,
+        restart::shutdown_stops_and_records_last_members,
+        restart::restart_waits_for_last_members_then_runs_at_one_epoch,
+        restart::returned_node_dying_is_dropped_and_awaited,
+        restart::force_start_runs_without_missing_members,
+        restart::shutdown_of_unformatted_cluster_is_refused,
+        restart::registry_and_locks_survive_shutdown_and_restart,
+        restart::concurrent_returns_start_the_cluster_once,
     ]
 }
 

@@ -186,7 +186,7 @@ impl ClusterDriver for LocalDriver {
     async fn still_alive(&self) -> bool {
         let held = self.inner.liveness.lock().await;
         held.as_ref().is_some_and(|live| {
-            live.still_held() && self.inner.watch.borrow().contains(live.uuid())
+            live.still_held() && self.inner.watch.borrow().is_present(live.uuid())
         })
     }
 
@@ -212,6 +212,14 @@ impl ClusterDriver for LocalDriver {
     ) -> Result<Membership, ClusterError> {
         self.change(move |store| store.set_config(expected_epoch, config))
             .await
+    }
+
+    async fn shutdown_cluster(&self) -> Result<Membership, ClusterError> {
+        self.change(|store| store.shutdown_cluster()).await
+    }
+
+    async fn force_start(&self) -> Result<Membership, ClusterError> {
+        self.change(|store| store.force_start()).await
     }
 
     async fn vdi_create(&self, name: &str) -> Result<Vid, ClusterError> {

@@ -200,7 +200,7 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), ClusterError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ClusterConfig, NodeInfo};
+    use crate::{ClusterConfig, ClusterStatus, NodeInfo};
     use uuid::Uuid;
 
     fn sample() -> Membership {
@@ -220,6 +220,7 @@ mod tests {
                 object_size: 4 << 20,
                 formatted_at_unix: 1_700_000_000,
             }),
+            status: ClusterStatus::Running,
         }
     }
 
@@ -255,6 +256,17 @@ mod tests {
         let bad_version = text.replace("\"version\": 1", "\"version\": 2");
         assert!(corrupt_reason::<Membership>(bad_version.as_bytes()).contains("version"));
         assert!(corrupt_reason::<VdiRegistry>(text.as_bytes()).contains("expected"));
+    }
+
+    #[test]
+    fn membership_record_from_before_shutdown_existed_reads_as_running() {
+        let text = String::from_utf8(encode(&sample()).unwrap()).unwrap();
+        let status = "\"status\": {\n      \"state\": \"running\"\n    }";
+        assert!(text.contains(status), "{text}");
+        let old = text.replace(&format!(",\n    {status}"), "");
+        assert!(!old.contains("status"), "{old}");
+        let read = decode::<Membership>(old.as_bytes(), Path::new("x")).unwrap();
+        assert_eq!(read, sample());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! Layout of the directory:
 //! - `lock`: flocked exclusively around every change (read, check, write);
-//! - `membership.json`: the current `{epoch, members, config}`;
+//! - `membership.json`: the current `{epoch, members, config, status}`;
 //! - `epochs/<epoch>.json`: the membership of every epoch from 1 on (epoch 0 is always
 //!   the empty cluster);
 //! - `vdis.json`, `locks.json`, `stale.json`: VDI registry, VDI locks, stale replicas;
@@ -183,8 +183,20 @@ impl Store {
         Ok(past)
     }
 
+    /// Adds `node` (whose liveness the caller holds). While stopped, the returned
+    /// nodes are probed under the lock, so the join that completes the restart never
+    /// starts the cluster with a node that died meanwhile.
     pub(crate) fn join(&self, node: NodeInfo) -> Result<Membership, ClusterError> {
-        self.change_membership(|m| m.with_member(node))
+        self.change_membership(|m| {
+            let dead = if m.is_running() {
+                Vec::new()
+            } else {
+                self.dead_present(m)?
+            };
+            let next = m.with_member(node, &dead)?;
+            log_restart_progress(m, &next);
+            Ok(next)
+        })
     }
 
     pub(crate) fn leave(&self, uuid: Uuid) -> Result<Membership, ClusterError> {
@@ -204,29 +216,59 @@ impl Store {
         self.change_membership(|m| m.reconfigured(expected_epoch, config))
     }
 
-    /// The members of `membership` whose liveness is gone.
-    fn dead_members(&self, membership: &Membership) -> Result<Vec<Uuid>, ClusterError> {
+    /// The present nodes of `membership` (members, or returned nodes while stopped)
+    /// whose liveness is gone.
+    fn dead_present(&self, membership: &Membership) -> Result<Vec<Uuid>, ClusterError> {
         let mut dead = Vec::new();
-        for member in &membership.members {
-            if liveness::is_dead(&self.node_path(member.uuid))? {
-                dead.push(member.uuid);
+        for node in membership.present() {
+            if liveness::is_dead(&self.node_path(node.uuid))? {
+                dead.push(node.uuid);
             }
         }
         Ok(dead)
     }
 
-    /// Removes every dead member at one new epoch. Probes without the lock first, so a
-    /// healthy cluster costs one record read and one probe per member.
+    /// Removes every dead present node at one new epoch. Probes without the lock
+    /// first, so a healthy cluster costs one record read and one probe per member.
     pub(crate) fn reap_dead(&self) -> Result<Option<Membership>, ClusterError> {
-        if self.dead_members(&self.membership()?)?.is_empty() {
+        if self.dead_present(&self.membership()?)?.is_empty() {
             return Ok(None);
         }
         self.maybe_change_membership(|m| {
-            let dead = self.dead_members(m)?;
+            let dead = self.dead_present(m)?;
             if !dead.is_empty() {
-                tracing::info!(epoch = m.epoch + 1, ?dead, "removing dead members");
+                let running = m.is_running();
+                tracing::info!(epoch = m.epoch + 1, ?dead, running, "removing dead nodes");
             }
             m.without_members(&dead)
+        })
+    }
+
+    /// Reaps dead members, then stops the cluster (two changes, each under the lock).
+    pub(crate) fn shutdown_cluster(&self) -> Result<Membership, ClusterError> {
+        // Refuse (unformatted, already stopped) before reaping anything.
+        self.membership()?.shut_down()?;
+        self.reap_dead()?;
+        self.change_membership(|m| {
+            let next = m.shut_down()?;
+            let waiting: Vec<Uuid> = next.missing().iter().map(|n| n.uuid).collect();
+            tracing::info!(epoch = next.epoch, ?waiting, "cluster shut down");
+            Ok(next)
+        })
+    }
+
+    /// Starts a stopped cluster with its live returned nodes.
+    pub(crate) fn force_start(&self) -> Result<Membership, ClusterError> {
+        self.change_membership(|m| {
+            let dead = if m.is_running() {
+                Vec::new()
+            } else {
+                self.dead_present(m)?
+            };
+            let next = m.force_started(&dead)?;
+            let missing: Vec<Uuid> = m.missing().iter().map(|n| n.uuid).collect();
+            tracing::warn!(epoch = next.epoch, ?missing, "cluster started by force");
+            Ok(next)
         })
     }
 
@@ -235,6 +277,7 @@ impl Store {
             if membership.config.is_none() {
                 return Err(ClusterError::NotFormatted);
             }
+            membership.check_running()?;
             registry.create(name)
         })
     }
@@ -248,7 +291,8 @@ impl Store {
     }
 
     pub(crate) fn vdi_delete(&self, name: &str, vid: Vid) -> Result<(), ClusterError> {
-        self.update(&self.vdis, |registry: &mut VdiRegistry, _| {
+        self.update(&self.vdis, |registry: &mut VdiRegistry, membership| {
+            membership.check_running()?;
             registry.delete(name, vid)
         })
     }
@@ -296,6 +340,28 @@ impl Store {
             stale.clear(oid, node);
             Ok(())
         })
+    }
+}
+
+/// Logs a join while stopped: who is still awaited, or that the cluster runs again.
+fn log_restart_progress(current: &Membership, next: &Membership) {
+    if current.is_running() {
+        return;
+    }
+    if next.is_running() {
+        let members = next.members.len();
+        tracing::info!(
+            epoch = next.epoch,
+            members,
+            "every node is back: cluster runs again"
+        );
+    } else {
+        let waiting: Vec<Uuid> = next.missing().iter().map(|n| n.uuid).collect();
+        tracing::info!(
+            epoch = next.epoch,
+            ?waiting,
+            "cluster stopped, waiting for nodes"
+        );
     }
 }
 

@@ -226,18 +226,6 @@ async fn run_round(node: &Node) -> Result<u64, PeerError> {
     }
     let epoch = view.epoch();
     let started = Instant::now();
-    let entries = node
-        .driver
-        .vdi_list()
-        .await
-        .map_err(crate::error::from_cluster)?;
-    let live: HashSet<Vid> = entries.iter().map(|e| e.vid).collect();
-    let mut copies: HashMap<Vid, usize> = HashMap::new();
-    for e in &entries {
-        if let Ok(h) = load_header(node, e.vid).await {
-            copies.insert(e.vid, h.copies as usize);
-        }
-    }
     // What every member holds.
     let lists = join_all(view.membership.members.iter().map(|m| async move {
         if m.uuid == node.uuid {
@@ -255,6 +243,20 @@ async fn run_round(node: &Node) -> Result<u64, PeerError> {
     let mut holdings = HashMap::new();
     for (uuid, r) in lists {
         holdings.insert(uuid, r?);
+    }
+    // The registry is read after the lists: every listed object's VDI was registered
+    // before the object was written, so a vid missing now was deleted (never reused).
+    let entries = node
+        .driver
+        .vdi_list()
+        .await
+        .map_err(crate::error::from_cluster)?;
+    let live: HashSet<Vid> = entries.iter().map(|e| e.vid).collect();
+    let mut copies: HashMap<Vid, usize> = HashMap::new();
+    for e in &entries {
+        if let Ok(h) = load_header(node, e.vid).await {
+            copies.insert(e.vid, h.copies as usize);
+        }
     }
     // Objects of vids the registry has but whose header we could not read are left alone.
     let known: HashMap<Vid, usize> = copies;

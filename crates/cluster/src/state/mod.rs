@@ -1,10 +1,13 @@
 //! The cluster's shared state and the rules for changing it, with no I/O: membership
-//! transitions, the VDI registry, VDI locks and the stale-replica registry. A driver
-//! stores these values however it likes and changes them only through these functions,
-//! so every driver follows the same rules. Each type has a `check` of its invariants,
-//! run on every value read back from storage.
+//! transitions including shutdown and restart (in `membership`), the VDI registry, VDI
+//! locks and the stale-replica registry. A driver stores these values however it likes
+//! and changes them only through these functions, so every driver follows the same
+//! rules. Each type has a `check` of its invariants, run on every value read back from
+//! storage.
 
-use crate::{ClusterConfig, ClusterError, Membership, NodeInfo, VdiEntry, VdiLock};
+mod membership;
+
+use crate::{ClusterError, Membership, VdiEntry, VdiLock};
 use proto::oid::VID_MAX;
 use proto::{Oid, Vid};
 use serde::{Deserialize, Serialize};
@@ -19,127 +22,6 @@ pub const VDI_NAME_BYTES_MAX: usize = 255;
 pub const STALE_ENTRIES_MAX: usize = 100_000;
 /// Most VDI lock slots (held or not) kept; one per vid ever locked.
 pub const LOCK_SLOTS_MAX: usize = 1 << 20;
-
-impl Membership {
-    /// Whether `uuid` is a member. Relies on the members being sorted by uuid (the
-    /// invariant every driver keeps).
-    pub fn contains(&self, uuid: Uuid) -> bool {
-        self.member(uuid).is_some()
-    }
-
-    /// The member with `uuid`, if any.
-    pub fn member(&self, uuid: Uuid) -> Option<&NodeInfo> {
-        self.members
-            .binary_search_by(|m| m.uuid.cmp(&uuid))
-            .ok()
-            .map(|i| &self.members[i])
-    }
-
-    /// The membership at the next epoch with `node` added (or replacing its old entry).
-    pub fn with_member(&self, node: NodeInfo) -> Result<Membership, ClusterError> {
-        let mut next = self.next_epoch()?;
-        match next.members.binary_search_by(|m| m.uuid.cmp(&node.uuid)) {
-            Ok(i) => next.members[i] = node,
-            Err(i) => {
-                if next.members.len() >= MEMBERS_MAX {
-                    return Err(limit("members", MEMBERS_MAX));
-                }
-                next.members.insert(i, node)
-            }
-        }
-        Ok(next)
-    }
-
-    /// The membership at the next epoch without the nodes in `gone`, or `None` when none
-    /// of them is a member (nothing changes, no epoch is spent).
-    pub fn without_members(&self, gone: &[Uuid]) -> Result<Option<Membership>, ClusterError> {
-        if !gone.iter().any(|&uuid| self.contains(uuid)) {
-            return Ok(None);
-        }
-        let mut next = self.next_epoch()?;
-        next.members.retain(|m| !gone.contains(&m.uuid));
-        Ok(Some(next))
-    }
-
-    /// The membership at the next epoch with `config`, only if not formatted yet.
-    pub fn formatted(&self, config: ClusterConfig) -> Result<Membership, ClusterError> {
-        if self.config.is_some() {
-            return Err(ClusterError::AlreadyFormatted);
-        }
-        check_config(&config)?;
-        let mut next = self.next_epoch()?;
-        next.config = Some(config);
-        Ok(next)
-    }
-
-    /// The membership at the next epoch with its config replaced, if the epoch is still
-    /// `expected_epoch` and the cluster is formatted.
-    pub fn reconfigured(
-        &self,
-        expected_epoch: u32,
-        config: ClusterConfig,
-    ) -> Result<Membership, ClusterError> {
-        if self.epoch != expected_epoch {
-            return Err(ClusterError::Conflict {
-                expected_epoch,
-                current_epoch: self.epoch,
-            });
-        }
-        if self.config.is_none() {
-            return Err(ClusterError::NotFormatted);
-        }
-        check_config(&config)?;
-        let mut next = self.next_epoch()?;
-        next.config = Some(config);
-        Ok(next)
-    }
-
-    /// Invariants of a stored membership: members sorted by uuid, no uuid twice.
-    pub fn check(&self) -> Result<(), String> {
-        if self.members.len() > MEMBERS_MAX {
-            return Err(format!(
-                "{} members, at most {MEMBERS_MAX}",
-                self.members.len()
-            ));
-        }
-        if let Some(pair) = self.members.windows(2).find(|w| w[0].uuid >= w[1].uuid) {
-            return Err(format!(
-                "members not sorted or repeated at {}",
-                pair[1].uuid
-            ));
-        }
-        if let Some(config) = &self.config {
-            check_config(config).map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    }
-
-    fn next_epoch(&self) -> Result<Membership, ClusterError> {
-        let epoch = self
-            .epoch
-            .checked_add(1)
-            .ok_or_else(|| limit("epochs", u32::MAX as usize))?;
-        Ok(Membership {
-            epoch,
-            ..self.clone()
-        })
-    }
-}
-
-fn check_config(config: &ClusterConfig) -> Result<(), ClusterError> {
-    if config.copies == 0 {
-        return Err(ClusterError::InvalidConfig(
-            "copies must be at least 1".into(),
-        ));
-    }
-    if !config.object_size.is_power_of_two() {
-        return Err(ClusterError::InvalidConfig(format!(
-            "object size {} is not a power of two",
-            config.object_size
-        )));
-    }
-    Ok(())
-}
 
 fn limit(what: &'static str, max: usize) -> ClusterError {
     ClusterError::LimitReached {
@@ -261,6 +143,7 @@ impl LockTable {
         holder: Uuid,
         membership: &Membership,
     ) -> Result<VdiLock, ClusterError> {
+        membership.check_running()?;
         if !membership.contains(holder) {
             return Err(ClusterError::NotMember(holder));
         }
@@ -379,6 +262,7 @@ impl StaleTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::NodeInfo;
 
     fn node(n: u128) -> NodeInfo {
         NodeInfo {
@@ -388,37 +272,6 @@ mod tests {
             vnodes: 128,
             nbd_addr: None,
         }
-    }
-
-    #[test]
-    fn members_stay_sorted_and_rejoin_replaces() {
-        let m = Membership::default();
-        let m = m.with_member(node(3)).unwrap();
-        let m = m.with_member(node(1)).unwrap();
-        let mut moved = node(3);
-        moved.addr = "127.0.0.1:9999".into();
-        let m = m.with_member(moved.clone()).unwrap();
-        assert_eq!(m.epoch, 3);
-        assert_eq!(m.members, vec![node(1), moved]);
-        m.check().unwrap();
-    }
-
-    #[test]
-    fn removing_non_members_spends_no_epoch() {
-        let m = Membership::default().with_member(node(1)).unwrap();
-        assert_eq!(m.without_members(&[Uuid::from_u128(9)]).unwrap(), None);
-        let gone = m.without_members(&[Uuid::from_u128(1)]).unwrap().unwrap();
-        assert_eq!((gone.epoch, gone.members.len()), (2, 0));
-    }
-
-    #[test]
-    fn check_rejects_unsorted_members() {
-        let m = Membership {
-            epoch: 1,
-            members: vec![node(2), node(1)],
-            config: None,
-        };
-        assert!(m.check().is_err());
     }
 
     #[test]
@@ -446,7 +299,7 @@ mod tests {
 
     #[test]
     fn lock_generation_survives_release_and_break() {
-        let m = Membership::default().with_member(node(1)).unwrap();
+        let m = Membership::default().with_member(node(1), &[]).unwrap();
         let holder = Uuid::from_u128(1);
         let mut locks = LockTable::default();
         let first = locks.acquire(7, holder, &m).unwrap();
