@@ -6,8 +6,9 @@ use clap::Subcommand;
 use futures::stream::{FuturesOrdered, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use proto::msg::{
-    VdiCreateRequest, VdiInfo, VdiListReply, VdiLockListReply, VdiNameRequest, VdiObjectReply,
-    VdiObjectRequest, VdiResizeRequest, VdiSetRequest, VdiUnlockRequest,
+    CacheInfo, CacheInfoReply, CacheRequest, VdiCreateRequest, VdiInfo, VdiListReply,
+    VdiLockListReply, VdiNameRequest, VdiObjectReply, VdiObjectRequest, VdiResizeRequest,
+    VdiSetRequest, VdiUnlockRequest,
 };
 use proto::size::{human, parse_size};
 use proto::{Header, Oid, Opcode};
@@ -36,6 +37,20 @@ pub enum LockCmd {
 }
 
 #[derive(Subcommand)]
+pub enum CacheCmd {
+    /// Objects, clean and dirty bytes, hit ratio, pushes, last flush.
+    Info {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Push and sync the VDI's cache now.
+    Flush { name: String },
+    /// Flush, then drop the VDI's cache (when no client has it open).
+    Purge { name: String },
+}
+
+#[derive(Subcommand)]
 pub enum VdiCmd {
     /// Create a VDI of SIZE bytes (e.g. 10G).
     Create {
@@ -48,11 +63,14 @@ pub enum VdiCmd {
         /// Fewest live replicas a write needs (default: copies - copies/2).
         #[arg(long)]
         min_copies: Option<u32>,
-        /// Durability mode of the NBD export: none (default), writethrough, writeback.
+        /// Durability mode of the NBD export: none (default), writethrough, writeback
+        /// (needs gateways started with --cache-size).
         #[arg(long = "cache")]
         cache_mode: Option<String>,
     },
-    /// Change a VDI setting: `cache MODE` (none, writethrough, writeback).
+    /// Change a VDI setting: `cache MODE` (none, writethrough, writeback) or
+    /// `writethrough-until-flush on|off` (writeback: write through until the client's
+    /// first FLUSH; on by default).
     Set {
         name: String,
         key: String,
@@ -61,6 +79,9 @@ pub enum VdiCmd {
     /// VDI locks (one writer per VDI).
     #[command(subcommand)]
     Lock(LockCmd),
+    /// The write-back cache on the gateway that holds the VDI (or on --address).
+    #[command(subcommand)]
+    Cache(CacheCmd),
     /// List VDIs.
     List {
         #[arg(long)]
@@ -166,6 +187,7 @@ pub async fn run(addr: &str, cmd: VdiCmd) -> Result<()> {
                 );
             }
         }
+        VdiCmd::Cache(c) => cache(&sheep, c).await?,
         VdiCmd::Lock(LockCmd::Unlock { name, force }) => {
             sheep
                 .op(
@@ -399,6 +421,108 @@ async fn write(
     }
     if let Some(pb) = pb {
         pb.finish_and_clear();
+    }
+    Ok(())
+}
+
+/// The gateway holding a VDI's lock (and so its cache), else the one at --address.
+async fn cache_holder(sheep: &Sheep, name: &str) -> Result<Sheep> {
+    let l: VdiLockListReply = sheep.json(Opcode::VdiLockList, &()).await?;
+    match l
+        .locks
+        .iter()
+        .find(|k| k.name == name)
+        .and_then(|k| k.holder_addr.clone())
+    {
+        Some(addr) if addr != sheep.addr => Sheep::connect(&addr).await,
+        _ => Sheep::connect(&sheep.addr).await,
+    }
+}
+
+fn print_cache(c: &CacheInfo) {
+    println!("VDI '{}' (vid {:#x})", c.name, c.vid);
+    println!(
+        "  objects {}, clean {}, dirty {} (limit {}, cache {})",
+        c.objects,
+        human(c.clean_bytes),
+        human(c.dirty_bytes),
+        human(c.dirty_limit),
+        human(c.size_limit)
+    );
+    println!(
+        "  hits {}, misses {}, hit ratio {:.1}%",
+        c.hits,
+        c.misses,
+        c.hit_ratio * 100.0
+    );
+    println!(
+        "  pushes {} ({}), in flight {}, failed {}",
+        c.pushes,
+        human(c.pushed_bytes),
+        c.pushes_in_flight,
+        c.push_failures
+    );
+    println!(
+        "  backpressure waits {}, evictions {}, flushes {}",
+        c.backpressure_waits, c.evictions, c.flushes
+    );
+    let last = c
+        .last_flush_unix
+        .map(|t| format!("{t} (unix)"))
+        .unwrap_or_else(|| "never".into());
+    println!(
+        "  last flush {last}; {}",
+        if c.seen_flush {
+            "client has flushed"
+        } else {
+            "writing through until the client's first flush"
+        }
+    );
+}
+
+async fn cache(sheep: &Sheep, cmd: CacheCmd) -> Result<()> {
+    match cmd {
+        CacheCmd::Info { name, json } => {
+            let gw = match &name {
+                Some(n) => cache_holder(sheep, n).await?,
+                None => Sheep::connect(&sheep.addr).await?,
+            };
+            let r: CacheInfoReply = gw
+                .json(Opcode::VdiCacheInfo, &CacheRequest { name: name.clone() })
+                .await?;
+            if json {
+                return crate::print_json(&r);
+            }
+            if r.caches.is_empty() {
+                println!(
+                    "no cached VDI{} on the gateway at {}",
+                    name.map(|n| format!(" '{n}'")).unwrap_or_default(),
+                    r.node
+                );
+            }
+            for c in &r.caches {
+                print_cache(c);
+            }
+        }
+        CacheCmd::Flush { name } => {
+            let gw = cache_holder(sheep, &name).await?;
+            let c: CacheInfo = gw
+                .json(Opcode::VdiCacheFlush, &CacheRequest { name: Some(name) })
+                .await?;
+            println!(
+                "flushed the cache of '{}' on {}: {} dirty",
+                c.name,
+                gw.addr,
+                human(c.dirty_bytes)
+            );
+        }
+        CacheCmd::Purge { name } => {
+            let gw = cache_holder(sheep, &name).await?;
+            let c: CacheInfo = gw
+                .json(Opcode::VdiCachePurge, &CacheRequest { name: Some(name) })
+                .await?;
+            println!("purged the cache of '{}' on {}", c.name, gw.addr);
+        }
     }
     Ok(())
 }

@@ -62,6 +62,12 @@ pub enum LocalCmd {
         /// TEST ONLY: start every sheep with a fault-injecting store.
         #[arg(long, hide = true)]
         fault_injection: bool,
+        /// Write-back object cache of every node (0 turns it off). The demo VDI uses it.
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        cache_size: u64,
+        /// Extra option passed to every sheep (repeatable), e.g. --sheep-arg=--cache-flush-timeout=5.
+        #[arg(long = "sheep-arg", allow_hyphen_values = true)]
+        sheep_args: Vec<String>,
     },
     /// Stop every node of the local cluster cleanly.
     Down {
@@ -89,6 +95,10 @@ struct LocalConfig {
     port: u16,
     nbd_port: u16,
     fault_injection: bool,
+    #[serde(default)]
+    cache_size: u64,
+    #[serde(default)]
+    sheep_args: Vec<String>,
 }
 
 impl LocalConfig {
@@ -162,6 +172,10 @@ fn spawn_node(dir: &Path, cfg: &LocalConfig, i: u32) -> Result<()> {
     if cfg.fault_injection {
         cmd.arg("--fault-injection");
     }
+    if cfg.cache_size > 0 {
+        cmd.arg("--cache-size").arg(cfg.cache_size.to_string());
+    }
+    cmd.args(&cfg.sheep_args);
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -228,6 +242,8 @@ pub async fn run(cmd: LocalCmd) -> Result<()> {
             no_format,
             object_size,
             fault_injection,
+            cache_size,
+            sheep_args,
         } => {
             let no_demo = no_demo || no_format;
             let dir = dir.dir;
@@ -249,6 +265,8 @@ pub async fn run(cmd: LocalCmd) -> Result<()> {
                 port,
                 nbd_port,
                 fault_injection,
+                cache_size,
+                sheep_args,
             };
             std::fs::write(dir.join("local.json"), serde_json::to_vec_pretty(&cfg)?)?;
             for i in 0..nodes {
@@ -278,7 +296,7 @@ pub async fn run(cmd: LocalCmd) -> Result<()> {
                     size: demo_size,
                     copies: None,
                     min_copies: None,
-                    cache_mode: None,
+                    cache_mode: (cache_size > 0).then(|| "writeback".to_string()),
                 };
                 match sheep.json::<_, VdiInfo>(Opcode::VdiCreate, &req).await {
                     Ok(_) => {}
@@ -314,7 +332,15 @@ pub async fn run(cmd: LocalCmd) -> Result<()> {
             }
             if !no_demo {
                 let url = format!("nbd://{}/{DEMO_VDI}", cfg.nbd_addr(0));
-                println!("demo VDI '{DEMO_VDI}' ({}): {url}", human(demo_size));
+                let mode = if cache_size > 0 {
+                    format!("writeback, {} cache per node", human(cache_size))
+                } else {
+                    "none".to_string()
+                };
+                println!(
+                    "demo VDI '{DEMO_VDI}' ({}, cache {mode}): {url}",
+                    human(demo_size)
+                );
                 println!(
                     "try:  qemu-io -f raw {url} -c 'write -P 0xab 0 4M' -c 'read -P 0xab 0 4M'"
                 );

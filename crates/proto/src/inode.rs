@@ -35,6 +35,14 @@ pub struct VdiHeader {
     /// Durability mode of the VDI's NBD export: "none", "writethrough" or "writeback".
     #[serde(default = "default_cache_mode")]
     pub cache_mode: String,
+    /// In writeback mode, write through until the client's first FLUSH (as librbd
+    /// does), protecting clients that never flush. On by default.
+    #[serde(default = "default_true")]
+    pub writethrough_until_flush: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_cache_mode() -> String {
@@ -133,6 +141,7 @@ mod tests {
             snap_unix: 0,
             tag: String::new(),
             cache_mode: "none".into(),
+            writethrough_until_flush: true,
         }
     }
 

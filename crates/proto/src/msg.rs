@@ -140,6 +140,9 @@ pub struct VdiInfo {
     /// Data objects this VDI owns (written at least once).
     pub allocated_objects: u64,
     pub cache_mode: String,
+    /// In writeback mode: writes are written through until the client's first FLUSH.
+    #[serde(default)]
+    pub writethrough_until_flush: bool,
 }
 
 /// Body of VdiSet: change one setting of a VDI.
@@ -245,6 +248,44 @@ pub struct RecoveryInfo {
     pub unverified: u64,
     /// The epoch the last round finished at, if any.
     pub done_epoch: Option<u32>,
+}
+
+/// One VDI's write-back cache on a gateway (`dog vdi cache info`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheInfo {
+    pub name: String,
+    pub vid: Vid,
+    pub objects: u64,
+    pub clean_bytes: u64,
+    pub dirty_bytes: u64,
+    pub size_limit: u64,
+    pub dirty_limit: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub hit_ratio: f64,
+    pub pushes: u64,
+    pub pushed_bytes: u64,
+    pub pushes_in_flight: u64,
+    pub push_failures: u64,
+    pub backpressure_waits: u64,
+    pub evictions: u64,
+    pub flushes: u64,
+    pub last_flush_unix: Option<u64>,
+    /// The client has sent a FLUSH (writethrough-until-first-flush is over).
+    pub seen_flush: bool,
+}
+
+/// Reply to VdiCacheInfo.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheInfoReply {
+    pub node: String,
+    pub caches: Vec<CacheInfo>,
+}
+
+/// Body of VdiCacheInfo (all VDIs when `name` is None), VdiCacheFlush and VdiCachePurge.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheRequest {
+    pub name: Option<String>,
 }
 
 /// Encodes a message body.

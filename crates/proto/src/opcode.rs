@@ -74,6 +74,12 @@ pub enum Opcode {
     RecoveryThrottle = 61,
     /// Verify every object of every VDI (JSON body and reply).
     ClusterCheck = 62,
+    /// This gateway's write-back caches (JSON).
+    VdiCacheInfo = 70,
+    /// Push and sync a VDI's cache now.
+    VdiCacheFlush = 71,
+    /// Flush, then drop a VDI's cache.
+    VdiCachePurge = 72,
 }
 
 impl TryFrom<u16> for Opcode {
@@ -116,6 +122,9 @@ impl TryFrom<u16> for Opcode {
             60 => RecoveryInfo,
             61 => RecoveryThrottle,
             62 => ClusterCheck,
+            70 => VdiCacheInfo,
+            71 => VdiCacheFlush,
+            72 => VdiCachePurge,
             other => return Err(FrameError::UnknownOpcode(other)),
         })
     }
@@ -153,6 +162,6 @@ mod tests {
                 known += 1;
             }
         }
-        assert_eq!(known, 34);
+        assert_eq!(known, 37);
     }
 }

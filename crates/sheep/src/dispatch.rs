@@ -69,6 +69,9 @@ pub async fn dispatch(
         Opcode::VdiLockList => vdi::lock_list(node).await,
         Opcode::VdiUnlock => vdi::unlock(node, &payload).await,
         Opcode::ClusterCheck => crate::check::check(node, &payload).await,
+        Opcode::VdiCacheInfo => crate::vdi::cache_info(node, &payload).await,
+        Opcode::VdiCacheFlush => crate::vdi::cache_flush(node, &payload, false).await,
+        Opcode::VdiCachePurge => crate::vdi::cache_flush(node, &payload, true).await,
         Opcode::RecoveryInfo => Ok(Outcome::json(&node.recovery.info())),
         Opcode::RecoveryThrottle => {
             let req: msg::ThrottleRequest =

@@ -8,8 +8,17 @@
 //!
 //! Durability modes (DESIGN.md §5): `none` acknowledges once every replica applied a
 //! write and syncs on FLUSH; `writethrough` makes every write durable on every replica
-//! before acknowledging it. FUA writes are durable before the reply in every mode.
+//! before acknowledging it; `writeback` acknowledges once the write is in this gateway's
+//! object cache (`cache/`), and FLUSH pushes and syncs. FUA writes are durable before the
+//! reply in every mode. A gateway without a cache serves `writeback` VDIs as
+//! `writethrough`.
+//!
+//! A cache's content is valid under the lock generation it records: it is used when
+//! this gateway takes the lock at that generation or the next one (nobody else held the
+//! lock in between); otherwise clean content is dropped and dirty content set aside,
+//! never pushed (fencing).
 
+use crate::cache::VdiCache;
 use crate::gateway::{self, open_vdi, Refresh, VdiState};
 use crate::node::Node;
 use crate::vdi::lookup;
@@ -116,7 +125,34 @@ impl ExportProvider for SheepExports {
             vdi.set_fence(fence);
         }
         let h = vdi.header();
-        let writethrough = h.cache_mode == "writethrough";
+        let wants_cache = h.cache_mode == "writeback" && !read_only;
+        let cache = if wants_cache {
+            match open_cache(&node, vid, h.object_size, fence) {
+                Ok(c) => c,
+                Err(e) => {
+                    release_writer(&node, &vdi, vid).await;
+                    return Err(OpenError::Other(format!(
+                        "cannot open the cache of '{vdi_name}': {}",
+                        e.message
+                    )));
+                }
+            }
+        } else if read_only {
+            // A read-only client of the gateway that holds the VDI's cache reads through
+            // it (it has the newest data); other gateways read the replicas.
+            node.cache.get().and_then(|c| c.get(vid))
+        } else {
+            None
+        };
+        if let (Some(c), false) = (&cache, read_only) {
+            c.spawn_pusher(node.clone(), vdi.clone());
+        } else if wants_cache {
+            tracing::warn!(
+                vdi = vdi_name,
+                "writeback VDI on a gateway without a cache: serving it as writethrough"
+            );
+        }
+        let writethrough = h.cache_mode == "writethrough" || (wants_cache && cache.is_none());
         tracing::info!(vdi = vdi_name, read_only, mode = %h.cache_mode, "NBD export opened");
         Ok(Arc::new(VdiDevice {
             node,
@@ -125,6 +161,8 @@ impl ExportProvider for SheepExports {
             size: h.size,
             read_only,
             writethrough,
+            cache,
+            until_flush: h.writethrough_until_flush,
         }))
     }
 }
@@ -161,26 +199,171 @@ async fn acquire_writer(node: &Arc<Node>, vid: Vid, name: &str) -> Result<u64, O
     }
 }
 
+/// Makes a VDI's data durable on the replicas: the cache (if any) is pushed and synced,
+/// then every node that received unsynced writes is synced.
+async fn flush_all(node: &Node, vdi: &VdiState, vid: Vid) -> Result<(), proto::PeerError> {
+    if let Some(c) = node.cache.get().and_then(|c| c.get(vid)) {
+        c.flush(node, vdi).await?;
+    }
+    gateway::flush(node, vdi).await
+}
+
 /// Drops one connection's share of the lock; the last one flushes and releases it.
-async fn release_writer(node: &Node, vdi: &VdiState, vid: Vid) {
-    let mut writers = node.exports.writers.lock().await;
-    let Some(w) = writers.get_mut(&vid) else {
-        return;
-    };
-    w.connections -= 1;
-    if w.connections > 0 {
+/// When that flush fails, the lock is kept (nobody else may write until the data is
+/// durable) and the flush retried in the background.
+async fn release_writer(node: &Arc<Node>, vdi: &Arc<VdiState>, vid: Vid) {
+    {
+        let mut writers = node.exports.writers.lock().await;
+        let Some(w) = writers.get_mut(&vid) else {
+            return;
+        };
+        w.connections = w.connections.saturating_sub(1);
+        if w.connections > 0 {
+            return;
+        }
+    }
+    if try_release(node, vdi, vid).await {
         return;
     }
+    let (node, vdi) = (node.clone(), vdi.clone());
+    tokio::spawn(async move {
+        let mut stop = node.shutdown_signal();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                _ = stop.changed() => return,
+            }
+            if try_release(&node, &vdi, vid).await {
+                return;
+            }
+        }
+    });
+}
+
+/// Flushes and releases the lock if no connection uses the VDI. True when done (or moot).
+async fn try_release(node: &Node, vdi: &VdiState, vid: Vid) -> bool {
+    let mut writers = node.exports.writers.lock().await;
+    let Some(w) = writers.get(&vid) else {
+        return true;
+    };
+    if w.connections > 0 {
+        return true;
+    }
     let generation = w.generation;
-    if let Err(e) = gateway::flush(node, vdi).await {
-        // Keep the lock: the data is not durable, and no one else may write until it is.
-        tracing::error!(vid, error = %e, "final flush failed; keeping the VDI lock");
-        return;
+    if let Err(e) = flush_all(node, vdi, vid).await {
+        tracing::error!(vid, error = %e, "final flush failed; keeping the VDI lock and retrying");
+        return false;
     }
     writers.remove(&vid);
     vdi.set_fence(0);
     if let Err(e) = node.driver.lock_release(vid, node.uuid, generation).await {
         tracing::warn!(vid, error = %e, "releasing the VDI lock failed");
+    }
+    true
+}
+
+/// Opens the VDI's cache for a writer holding lock `generation`, applying the fencing
+/// rule of the module doc.
+fn open_cache(
+    node: &Node,
+    vid: Vid,
+    object_size: u32,
+    generation: u64,
+) -> Result<Option<Arc<VdiCache>>, proto::PeerError> {
+    let Some(nc) = node.cache.get() else {
+        return Ok(None);
+    };
+    let c = nc.open_vdi(vid, object_size, generation)?;
+    let recorded = c.fence();
+    if recorded != generation && recorded + 1 != generation {
+        drop(c);
+        if nc.get(vid).is_some_and(|c| c.has_dirty()) {
+            tracing::error!(vid, recorded, generation, "lock was taken over since this cache was written: setting its unflushed data aside");
+            nc.quarantine_vdi(vid, "fenced");
+        } else {
+            nc.drop_vdi(vid);
+        }
+        let c = nc.open_vdi(vid, object_size, generation)?;
+        c.set_fence(generation)?;
+        return Ok(Some(c));
+    }
+    c.set_fence(generation)?;
+    Ok(Some(c))
+}
+
+/// After a restart: resumes the caches that hold unflushed data. Each needs the VDI's
+/// lock at the generation it was written under (or the next, when nobody else took it);
+/// otherwise it is set aside, never pushed. Resumed caches are pushed, flushed, and the
+/// lock released once no client uses the VDI.
+pub async fn resume_caches(node: &Arc<Node>) {
+    let Some(nc) = node.cache.get() else { return };
+    for vid in nc.on_disk() {
+        let dir = nc.cfg.root.join(format!("{vid:06x}"));
+        let (fence, dirty) = match crate::cache::meta::MetaFile::open(&dir) {
+            Ok(m) => {
+                let dirty = m
+                    .load_all()
+                    .map(|l| l.iter().any(|(_, s)| s.dirty.any()))
+                    .unwrap_or(true);
+                (m.header.fence, dirty)
+            }
+            Err(e) => {
+                tracing::error!(vid, error = %e, "unreadable cache; setting it aside");
+                nc.quarantine_vdi(vid, "unreadable");
+                continue;
+            }
+        };
+        if !dirty {
+            continue;
+        }
+        let vdi = match open_vdi(node, vid, Refresh::All).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(vid, error = %e, "cache of a VDI that cannot be opened (deleted?); setting it aside");
+                nc.quarantine_vdi(vid, "no-vdi");
+                continue;
+            }
+        };
+        let h = vdi.header();
+        let lock = node.driver.lock_acquire(vid, node.uuid).await;
+        let generation = match lock {
+            Ok(l) if l.generation == fence || l.generation == fence + 1 => l.generation,
+            Ok(l) => {
+                tracing::error!(
+                    vid,
+                    fence,
+                    generation = l.generation,
+                    "VDI lock changed hands since the crash: cache set aside, not pushed"
+                );
+                nc.quarantine_vdi(vid, "fenced");
+                let _ = node.driver.lock_release(vid, node.uuid, l.generation).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(vid, error = %e, "VDI lock held elsewhere since the crash: cache set aside, not pushed");
+                nc.quarantine_vdi(vid, "fenced");
+                continue;
+            }
+        };
+        node.exports.writers.lock().await.insert(
+            vid,
+            WriterEntry {
+                connections: 1,
+                generation,
+            },
+        );
+        vdi.set_fence(generation);
+        let cache = match open_cache(node, vid, h.object_size, generation) {
+            Ok(Some(c)) => c,
+            _ => continue,
+        };
+        tracing::warn!(
+            vid,
+            dirty_bytes = cache.dirty_bytes(),
+            "resuming the push of unflushed cache data after a restart"
+        );
+        cache.spawn_pusher(node.clone(), vdi.clone());
+        release_writer(node, &vdi, vid).await;
     }
 }
 
@@ -192,6 +375,51 @@ pub struct VdiDevice {
     size: u64,
     read_only: bool,
     writethrough: bool,
+    /// The write-back cache, in `writeback` mode on a gateway with a cache.
+    cache: Option<Arc<VdiCache>>,
+    /// Write through until the client's first FLUSH (writeback mode).
+    until_flush: bool,
+}
+
+impl VdiDevice {
+    async fn zero_range(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), BlockError> {
+        if let Some(c) = &self.cache {
+            if !c.writes_through(self.until_flush) {
+                if no_hole {
+                    let zeros = vec![0u8; len as usize];
+                    c.write(&self.node, &self.vdi, offset, &zeros, false)
+                        .await
+                        .map_err(to_block_error)?;
+                } else {
+                    c.zero(offset, len as u64).await.map_err(to_block_error)?;
+                }
+                if fua {
+                    return self.flush().await;
+                }
+                return Ok(());
+            }
+            // Writing through: the replicas are zeroed below; the cached copy follows.
+            let zeros = vec![0u8; len as usize];
+            gateway::zero_range(&self.node, &self.vdi, offset, len as u64, no_hole, true)
+                .await
+                .map_err(to_block_error)?;
+            return c
+                .write(&self.node, &self.vdi, offset, &zeros, true)
+                .await
+                .map_err(to_block_error)
+                .map(|_| ());
+        }
+        let durable = fua || self.writethrough;
+        gateway::zero_range(&self.node, &self.vdi, offset, len as u64, no_hole, durable)
+            .await
+            .map_err(to_block_error)
+    }
 }
 
 #[async_trait]
@@ -205,18 +433,39 @@ impl BlockDevice for VdiDevice {
     }
 
     fn can_multi_conn(&self) -> bool {
-        // All connections to a VDI on this gateway share one VdiState, and a flush on
-        // any of them syncs every node any of them wrote to.
+        // All connections to a VDI on this gateway share one VdiState and one cache, and
+        // a flush on any of them covers what any of them wrote.
         true
     }
 
+    fn min_block_size(&self) -> u32 {
+        // The cache tracks 4 KiB blocks: clients align to them (qemu does so itself).
+        if self.cache.is_some() {
+            crate::cache::bitmap::CACHE_BLOCK as u32
+        } else {
+            1
+        }
+    }
+
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, BlockError> {
-        gateway::read(&self.node, &self.vdi, offset, len as u64)
-            .await
-            .map_err(to_block_error)
+        match &self.cache {
+            Some(c) => c.read(&self.node, &self.vdi, offset, len as u64).await,
+            None => gateway::read(&self.node, &self.vdi, offset, len as u64).await,
+        }
+        .map_err(to_block_error)
     }
 
     async fn write(&self, offset: u64, data: bytes::Bytes, fua: bool) -> Result<(), BlockError> {
+        if let Some(c) = &self.cache {
+            let through = c.writes_through(self.until_flush);
+            c.write(&self.node, &self.vdi, offset, &data, through)
+                .await
+                .map_err(to_block_error)?;
+            if fua && !through {
+                return self.flush().await;
+            }
+            return Ok(());
+        }
         let durable = fua || self.writethrough;
         gateway::write(&self.node, &self.vdi, offset, &data, durable)
             .await
@@ -224,16 +473,13 @@ impl BlockDevice for VdiDevice {
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
-        gateway::flush(&self.node, &self.vdi)
+        flush_all(&self.node, &self.vdi, self.vid)
             .await
             .map_err(to_block_error)
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), BlockError> {
-        let durable = fua || self.writethrough;
-        gateway::zero_range(&self.node, &self.vdi, offset, len as u64, false, durable)
-            .await
-            .map_err(to_block_error)
+        self.zero_range(offset, len, false, fua).await
     }
 
     async fn write_zeroes(
@@ -250,24 +496,33 @@ impl BlockDevice for VdiDevice {
                 message: "zeroing without holes writes data; not fast".into(),
             });
         }
-        let durable = fua || self.writethrough;
-        gateway::zero_range(&self.node, &self.vdi, offset, len as u64, no_hole, durable)
-            .await
-            .map_err(to_block_error)
+        self.zero_range(offset, len, no_hole, fua).await
     }
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, BlockError> {
-        let runs = gateway::allocation(&self.node, &self.vdi, offset, len as u64)
-            .await
-            .map_err(to_block_error)?;
-        Ok(runs
-            .into_iter()
-            .map(|(length, allocated)| Extent {
-                length,
-                hole: !allocated,
-                zero: !allocated,
-            })
-            .collect())
+        let h = self.vdi.header();
+        let mut out: Vec<Extent> = Vec::new();
+        for (index, _, n) in proto::inode::split_range(offset, len as u64, h.object_size) {
+            // Dirty data in the cache is data, whatever the table says.
+            let allocated = match &self.cache {
+                Some(c) if c.has_dirty_data(index) => true,
+                _ => {
+                    gateway::owner_of(&self.node, &self.vdi, index)
+                        .await
+                        .map_err(to_block_error)?
+                        != 0
+                }
+            };
+            match out.last_mut() {
+                Some(e) if e.hole == !allocated => e.length += n,
+                _ => out.push(Extent {
+                    length: n,
+                    hole: !allocated,
+                    zero: !allocated,
+                }),
+            }
+        }
+        Ok(out)
     }
 
     async fn close(&self) {

@@ -1,6 +1,7 @@
 //! The sheep daemon as a library: the binary in `main.rs` parses options and calls [`run`].
 
 pub mod admin;
+pub mod cache;
 pub mod check;
 pub mod dispatch;
 pub mod error;
@@ -64,6 +65,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     node.spawn_follower();
     recovery::spawn(node.clone());
     node.recovery.kick();
+    export::resume_caches(&node).await;
 
     let server = tokio::spawn(server::serve(node.clone(), listener));
     if let Some(addr) = &opts.nbd {
@@ -87,6 +89,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     node.request_shutdown();
     // Let NBD connections finish: their close flushes and releases VDI locks.
     node.drain_nbd().await;
+    if let Some(cache) = node.cache.get() {
+        // What could not be pushed stays dirty, made durable locally and sealed, so it is
+        // trusted (and pushed) after the reboot that usually follows.
+        cache.seal();
+    }
     if let Some(store) = node.store() {
         let _ = tokio::task::spawn_blocking(move || store.sync_all()).await;
     }

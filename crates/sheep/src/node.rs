@@ -79,6 +79,8 @@ pub struct Node {
     pub gateway: Gateway,
     pub exports: crate::export::OpenExports,
     pub recovery: crate::recovery::Recovery,
+    /// The write-back object cache, when configured (opened with the store).
+    pub cache: std::sync::OnceLock<crate::cache::NodeCache>,
     store: RwLock<Option<Arc<ObjectStore>>>,
     /// Serialises opening the store (the follower and request handlers may race to it).
     store_opening: tokio::sync::Mutex<()>,
@@ -123,6 +125,7 @@ impl Node {
             gateway: Gateway::default(),
             exports: Default::default(),
             recovery,
+            cache: std::sync::OnceLock::new(),
             store: RwLock::new(None),
             store_opening: tokio::sync::Mutex::new(()),
             cluster: shared,
@@ -298,6 +301,16 @@ impl Node {
             }
         }
         *self.cluster.write().unwrap_or_else(|p| p.into_inner()) = Some(stamp);
+        if let Some(cfg) = self.opts.cache_config() {
+            let boot = crate::cache::boot_id(self.opts.boot_id_file.as_deref());
+            let uuid = self.uuid;
+            let opened = tokio::task::spawn_blocking(move || {
+                crate::cache::NodeCache::open(cfg, boot, uuid, stamp)
+            })
+            .await
+            .map_err(|e| internal(e.to_string()))??;
+            let _ = self.cache.set(opened);
+        }
         self.pool
             .set_hello(node_hello(self.uuid, Some(stamp)))
             .await;

@@ -46,6 +46,31 @@ pub struct Options {
     #[arg(long, default_value = "0", value_parser = proto::size::parse_size)]
     pub recovery_max_rate: u64,
 
+    /// Size of the write-back object cache (e.g. 1G). Off when absent or 0; VDIs in
+    /// `writeback` mode are then served as `writethrough` by this gateway.
+    #[arg(long, value_parser = proto::size::parse_size)]
+    pub cache_size: Option<u64>,
+
+    /// Directory of the object cache (default: `cache` in the store directory).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Dirty bytes at which writes wait for pushes (default: three quarters of the cache).
+    #[arg(long, value_parser = proto::size::parse_size)]
+    pub cache_dirty_max: Option<u64>,
+
+    /// Seconds a FLUSH waits for enough replicas before failing with EIO.
+    #[arg(long, default_value_t = 30)]
+    pub cache_flush_timeout: u64,
+
+    /// Objects pushed at once per VDI.
+    #[arg(long, default_value_t = 8)]
+    pub cache_push_concurrency: usize,
+
+    /// TEST ONLY: read the boot id from this file instead of the kernel (simulates a reboot).
+    #[arg(long, hide = true)]
+    pub boot_id_file: Option<PathBuf>,
+
     /// TEST ONLY: keep unsynced writes apart so a simulated power cut drops them.
     #[arg(long, hide = true)]
     pub fault_injection: bool,
@@ -79,5 +104,22 @@ impl Options {
         } else {
             self.vnodes
         }
+    }
+}
+
+impl Options {
+    /// The cache configuration, when the cache is on.
+    pub fn cache_config(&self) -> Option<crate::cache::CacheConfig> {
+        let size = self.cache_size.filter(|s| *s > 0)?;
+        Some(crate::cache::CacheConfig {
+            root: self
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| self.dir.join("cache")),
+            size,
+            dirty_max: self.cache_dirty_max.unwrap_or(size / 4 * 3).max(4 << 20),
+            push_concurrency: self.cache_push_concurrency.max(1),
+            flush_timeout: std::time::Duration::from_secs(self.cache_flush_timeout.max(1)),
+        })
     }
 }

@@ -9,9 +9,9 @@ use crate::replicate::{replicate, Policy, WriteKind};
 use futures::future::join_all;
 use proto::inode::{vdi_size_max, VdiHeader, CACHE_MODES, SECTOR_SIZE, VDI_NAME_MAX};
 use proto::msg::{
-    self, MemberInfo, VdiCreateRequest, VdiInfo, VdiListReply, VdiLockInfo, VdiLockListReply,
-    VdiNameRequest, VdiObjectReply, VdiObjectRequest, VdiResizeRequest, VdiSetRequest,
-    VdiUnlockRequest,
+    self, CacheInfoReply, CacheRequest, MemberInfo, VdiCreateRequest, VdiInfo, VdiListReply,
+    VdiLockInfo, VdiLockListReply, VdiNameRequest, VdiObjectReply, VdiObjectRequest,
+    VdiResizeRequest, VdiSetRequest, VdiUnlockRequest,
 };
 use proto::{ErrorCode, Header, Oid, PeerError, Vid};
 
@@ -115,6 +115,7 @@ pub async fn create(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
         snap_unix: 0,
         tag: String::new(),
         cache_mode: check_cache_mode(req.cache_mode.as_deref().unwrap_or(CACHE_MODES[0]))?,
+        writethrough_until_flush: true,
     };
     let bytes = header.encode().map_err(|e| invalid(e.to_string()))?;
     let policy = Policy {
@@ -144,19 +145,52 @@ fn info_of(h: &VdiHeader, allocated: u64) -> VdiInfo {
         object_size: h.object_size,
         allocated_objects: allocated,
         cache_mode: h.cache_mode.clone(),
+        writethrough_until_flush: h.writethrough_until_flush,
     }
 }
 
 /// Validates a durability mode name.
 fn check_cache_mode(mode: &str) -> Result<String, PeerError> {
-    match mode {
-        "none" | "writethrough" => Ok(mode.to_string()),
-        "writeback" => Err(PeerError::new(
-            ErrorCode::Unsupported,
-            "cache mode 'writeback' needs the gateway object cache, which this version does not have yet",
-        )),
-        other => Err(invalid(format!("unknown cache mode '{other}': expected one of {}", CACHE_MODES.join(", ")))),
+    if CACHE_MODES.contains(&mode) {
+        Ok(mode.to_string())
+    } else {
+        Err(invalid(format!(
+            "unknown cache mode '{mode}': expected one of {}",
+            CACHE_MODES.join(", ")
+        )))
     }
+}
+
+fn parse_on_off(v: &str) -> Result<bool, PeerError> {
+    match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        other => Err(invalid(format!("expected on or off, got '{other}'"))),
+    }
+}
+
+/// Refuses an operation on a VDI whose lock another gateway holds: it must go through
+/// that gateway (which holds its cache).
+async fn check_not_locked_elsewhere(
+    node: &Node,
+    vid: Vid,
+    name: &str,
+    what: &str,
+) -> Result<(), PeerError> {
+    if let Some(lock) = node.driver.lock_get(vid).await.map_err(from_cluster)? {
+        if lock.holder != node.uuid {
+            let addr = node
+                .view()
+                .member(lock.holder)
+                .map(|m| m.addr.clone())
+                .unwrap_or_else(|| "a node that is gone".into());
+            return Err(PeerError::new(
+                ErrorCode::Locked,
+                format!("VDI '{name}' is in use by the gateway at {addr} ({}); {what} it through that node (dog -a {addr}), or `dog vdi lock unlock`", lock.holder),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Rewrites a VDI's header block on its inode replicas (durably) and reloads it.
@@ -184,9 +218,10 @@ pub async fn set(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     let mut h = v.header();
     match req.key.as_str() {
         "cache" => h.cache_mode = check_cache_mode(&req.value)?,
+        "writethrough-until-flush" => h.writethrough_until_flush = parse_on_off(&req.value)?,
         other => {
             return Err(invalid(format!(
-                "unknown VDI setting '{other}': expected 'cache'"
+                "unknown VDI setting '{other}': expected 'cache' or 'writethrough-until-flush'"
             )))
         }
     }
@@ -265,6 +300,25 @@ pub async fn delete(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     let req: VdiNameRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
     formatted(node)?;
     let vid = lookup(node, &req.name).await?;
+    check_not_locked_elsewhere(node, vid, &req.name, "delete").await?;
+    if node
+        .driver
+        .lock_get(vid)
+        .await
+        .map_err(from_cluster)?
+        .is_some()
+    {
+        return Err(PeerError::new(
+            ErrorCode::Locked,
+            format!(
+                "VDI '{}' is open on this gateway; disconnect its clients first",
+                req.name
+            ),
+        ));
+    }
+    if let Some(c) = node.cache.get() {
+        c.drop_vdi(vid);
+    }
     let state = open_vdi(node, vid, Refresh::All).await;
     // Unregister first: from now on nobody can open it; the vid is never reused.
     node.driver
@@ -292,7 +346,11 @@ pub async fn resize(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     let req: VdiResizeRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
     let cfg = formatted(node)?;
     let vid = lookup(node, &req.name).await?;
+    check_not_locked_elsewhere(node, vid, &req.name, "resize").await?;
     let v = open_vdi(node, vid, Refresh::Header).await?;
+    if let Some(c) = node.cache.get().and_then(|c| c.get(vid)) {
+        c.flush(node, &v).await?;
+    }
     let mut h = v.header();
     check_size(req.size, cfg.object_size)?;
     if req.size < h.size {
@@ -370,21 +428,80 @@ pub async fn read(node: &Node, h: &Header) -> Result<Outcome, PeerError> {
 pub async fn write(node: &Node, h: &Header, data: Vec<u8>) -> Result<Outcome, PeerError> {
     let v = io_target(node, h, data.len() as u64).await?;
     // One writer per VDI: a VDI locked by another gateway is written only through it.
-    let vid = v.header().vid;
-    if let Some(lock) = node.driver.lock_get(vid).await.map_err(from_cluster)? {
-        if lock.holder != node.uuid {
-            let addr = node
-                .view()
-                .member(lock.holder)
-                .map(|m| m.addr.clone())
-                .unwrap_or_else(|| "a node that is gone".into());
-            return Err(PeerError::new(
-                ErrorCode::Locked,
-                format!("VDI '{}' is locked by the gateway at {addr} ({}); write through that node, or `dog vdi lock unlock`", v.header().name, lock.holder),
-            ));
-        }
-    }
+    check_not_locked_elsewhere(node, v.header().vid, &v.header().name, "write").await?;
     let durable = h.has_flag(proto::frame::FLAG_DURABLE);
     gateway::write(node, &v, h.offset, &data, durable).await?;
     Ok(Outcome::default())
+}
+
+/// This gateway's write-back caches (one VDI, or all).
+pub async fn cache_info(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
+    let req: CacheRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
+    let names = node.driver.vdi_list().await.map_err(from_cluster)?;
+    let name_of = |vid: Vid| {
+        names
+            .iter()
+            .find(|e| e.vid == vid)
+            .map(|e| e.name.clone())
+            .unwrap_or_default()
+    };
+    let mut caches = Vec::new();
+    if let Some(nc) = node.cache.get() {
+        let want = match &req.name {
+            Some(n) => Some(lookup(node, n).await?),
+            None => None,
+        };
+        for c in nc.all() {
+            if want.is_none_or(|v| v == c.vid) {
+                caches.push(c.info(&name_of(c.vid)));
+            }
+        }
+    }
+    caches.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Outcome::json(&CacheInfoReply {
+        node: node.opts.listen.clone(),
+        caches,
+    }))
+}
+
+/// `dog vdi cache flush|purge NAME`: pushes and syncs the VDI's cache on this gateway;
+/// purge then drops it (only when no client has it open).
+pub async fn cache_flush(node: &Node, body: &[u8], purge: bool) -> Result<Outcome, PeerError> {
+    let req: CacheRequest = msg::decode(body).map_err(|e| invalid(e.to_string()))?;
+    let name = req.name.ok_or_else(|| invalid("a VDI name is needed"))?;
+    let vid = lookup(node, &name).await?;
+    let nc = node.cache.get().ok_or_else(|| {
+        PeerError::new(
+            ErrorCode::Unsupported,
+            format!(
+                "the sheep at {} has no cache (--cache-size)",
+                node.opts.listen
+            ),
+        )
+    })?;
+    let Some(c) = nc.get(vid) else {
+        return Err(invalid(format!(
+            "VDI '{name}' is not cached on the gateway at {}",
+            node.opts.listen
+        )));
+    };
+    let v = open_vdi(node, vid, Refresh::Header).await?;
+    c.flush(node, &v).await?;
+    crate::gateway::flush(node, &v).await?;
+    if purge {
+        if node
+            .driver
+            .lock_get(vid)
+            .await
+            .map_err(from_cluster)?
+            .is_some_and(|l| l.holder == node.uuid)
+        {
+            return Err(PeerError::new(
+                ErrorCode::Locked,
+                format!("VDI '{name}' is open on this gateway: flushed, but not purged"),
+            ));
+        }
+        nc.drop_vdi(vid);
+    }
+    Ok(Outcome::json(&c.info(&name)))
 }

@@ -1,0 +1,212 @@
+//! One cached object: its data file and block states, with the per-block write
+//! sequence numbers and push epochs that decide when a block may become clean.
+
+use super::bitmap::{runs, Bitmap, CACHE_BLOCK};
+use super::meta::ObjectState;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// In-memory state of one cached object, guarded by its mutex.
+pub struct Blocks {
+    pub st: ObjectState,
+    /// Write sequence per block: bumped by every write, so a push or flush only cleans
+    /// a block no newer write hit meanwhile.
+    pub seq: Vec<u64>,
+    /// Epoch in which the block's current content was pushed (0: not pushed). A pushed
+    /// block is clean only after a sync in that same epoch.
+    pub pushed_epoch: Vec<u32>,
+}
+
+/// A run of dirty blocks to push: block range, whether it is zeros, and each block's
+/// sequence number when the snapshot was taken.
+#[derive(Clone, Debug)]
+pub struct PushRun {
+    pub start: usize,
+    pub end: usize,
+    pub zero: bool,
+    pub seqs: Vec<u64>,
+    pub data: Vec<u8>,
+}
+
+pub struct CachedObject {
+    pub index: u32,
+    file: File,
+    pub blocks: Mutex<Blocks>,
+    /// One push (or fill) of this object at a time.
+    pub io: tokio::sync::Mutex<()>,
+    pub last_used: AtomicU64,
+    next_seq: AtomicU64,
+}
+
+impl CachedObject {
+    pub fn new(index: u32, file: File, st: ObjectState, tick: u64) -> CachedObject {
+        let n = st.valid.len();
+        // Dirty blocks found at start (after a crash) get a sequence number so they are pushed.
+        let seq = (0..n).map(|b| u64::from(st.dirty.get(b))).collect();
+        CachedObject {
+            index,
+            file,
+            blocks: Mutex::new(Blocks {
+                st,
+                seq,
+                pushed_epoch: vec![0; n],
+            }),
+            io: tokio::sync::Mutex::new(()),
+            last_used: AtomicU64::new(tick),
+            next_seq: AtomicU64::new(2),
+        }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Blocks> {
+        self.blocks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn touch(&self, tick: u64) {
+        self.last_used.store(tick, Ordering::Relaxed);
+    }
+
+    /// Writes data at `offset` (block aligned) and marks the blocks valid and, unless
+    /// `clean`, dirty. Returns the number of blocks that became dirty. Data and state
+    /// change under one lock, so a concurrent fill never overwrites the new data.
+    pub fn write(
+        &self,
+        b: &mut Blocks,
+        offset: u64,
+        data: &[u8],
+        clean: bool,
+    ) -> io::Result<usize> {
+        self.file.write_all_at(data, offset)?;
+        let (start, end) = block_span(offset, data.len() as u64);
+        Ok(self.mark(b, start, end, false, clean))
+    }
+
+    /// Marks a block range as zeros (punched in the file), dirty. Returns newly dirty blocks.
+    pub fn zero(&self, b: &mut Blocks, offset: u64, len: u64) -> io::Result<usize> {
+        punch(&self.file, offset, len)?;
+        let (start, end) = block_span(offset, len);
+        Ok(self.mark(b, start, end, true, false))
+    }
+
+    fn mark(&self, b: &mut Blocks, start: usize, end: usize, zero: bool, clean: bool) -> usize {
+        let mut newly_dirty = 0;
+        for i in start..end {
+            b.st.valid.set(i, true);
+            b.st.zero.set(i, zero && !clean);
+            if !clean {
+                if !b.st.dirty.get(i) {
+                    newly_dirty += 1;
+                }
+                b.st.dirty.set(i, true);
+                b.seq[i] = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                b.pushed_epoch[i] = 0;
+            }
+        }
+        newly_dirty
+    }
+
+    /// Fills blocks that are neither valid nor dirty from a copy of the whole object.
+    pub fn fill(&self, b: &mut Blocks, whole: &[u8]) -> io::Result<()> {
+        let blocks = b.st.valid.len();
+        let mut missing = Bitmap::new(blocks);
+        for i in 0..blocks {
+            missing.set(i, !b.st.valid.get(i) && !b.st.dirty.get(i));
+        }
+        for (s, e) in runs(&missing) {
+            let (from, to) = (s as u64 * CACHE_BLOCK, e as u64 * CACHE_BLOCK);
+            self.file
+                .write_all_at(&whole[from as usize..to as usize], from)?;
+            b.st.valid.set_range(s, e, true);
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
+        let got = read_full(&self.file, &mut buf, offset)?;
+        if got < buf.len() {
+            // Past the end of a (short) file reads as zeros: the file is sparse.
+            buf[got..].fill(0);
+        }
+        Ok(buf)
+    }
+
+    /// Dirty blocks not yet pushed in `epoch`, as runs with their data.
+    pub fn snapshot_for_push(&self, b: &Blocks, epoch: u32) -> io::Result<Vec<PushRun>> {
+        let blocks = b.st.dirty.len();
+        let mut want = Bitmap::new(blocks);
+        for i in 0..blocks {
+            want.set(i, b.st.dirty.get(i) && b.pushed_epoch[i] != epoch);
+        }
+        let mut out = Vec::new();
+        for (s, e) in runs(&want) {
+            // Split each run where zero and data blocks alternate.
+            let mut i = s;
+            while i < e {
+                let zero = b.st.zero.get(i);
+                let mut j = i;
+                while j < e && b.st.zero.get(j) == zero {
+                    j += 1;
+                }
+                let data = if zero {
+                    Vec::new()
+                } else {
+                    self.read(i as u64 * CACHE_BLOCK, (j - i) as u64 * CACHE_BLOCK)?
+                };
+                out.push(PushRun {
+                    start: i,
+                    end: j,
+                    zero,
+                    seqs: b.seq[i..j].to_vec(),
+                    data,
+                });
+                i = j;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// Block range covering `[offset, offset + len)`.
+pub fn block_span(offset: u64, len: u64) -> (usize, usize) {
+    (
+        (offset / CACHE_BLOCK) as usize,
+        (offset + len).div_ceil(CACHE_BLOCK) as usize,
+    )
+}
+
+fn read_full(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+fn punch(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    // No hole punching here: write zeros instead.
+    f.write_all_at(&vec![0u8; len as usize], offset)
+}

@@ -1,0 +1,691 @@
+//! The write-back cache of one VDI on this gateway (DESIGN.md §6). Writes land in local
+//! files and are acknowledged; a pusher sends dirty blocks to the replicas as unstable
+//! writes; FLUSH pushes what it covers, syncs each node that received pushes once, and
+//! only then marks those blocks clean.
+
+use super::bitmap::CACHE_BLOCK;
+use super::meta::{blocks_of, MetaFile, ObjectState};
+use super::object::{block_span, CachedObject, PushRun};
+use super::CacheConfig;
+use crate::gateway::{self, VdiState};
+use crate::node::Node;
+use futures::future::join_all;
+use proto::inode::split_range;
+use proto::msg::CacheInfo;
+use proto::{ErrorCode, PeerError, Vid};
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// Pause between attempts while a flush or push waits for enough replicas.
+const RETRY_PAUSE: Duration = Duration::from_millis(300);
+
+fn io_error(what: &str, e: std::io::Error) -> PeerError {
+    PeerError::new(ErrorCode::Io, format!("cache {what}: {e}"))
+}
+
+/// Counters shown by `dog vdi cache info`.
+#[derive(Default)]
+struct Stats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    pushes: AtomicU64,
+    pushed_bytes: AtomicU64,
+    pushes_in_flight: AtomicU64,
+    push_failures: AtomicU64,
+    backpressure_waits: AtomicU64,
+    evictions: AtomicU64,
+    flushes: AtomicU64,
+    last_flush_unix: AtomicU64,
+}
+
+pub struct VdiCache {
+    pub vid: Vid,
+    pub dir: PathBuf,
+    object_size: u32,
+    cfg: Arc<CacheConfig>,
+    meta: Mutex<MetaFile>,
+    objects: Mutex<HashMap<u32, Arc<CachedObject>>>,
+    dirty_blocks: AtomicU64,
+    valid_blocks: AtomicU64,
+    tick: AtomicU64,
+    stats: Stats,
+    /// Wakes the pusher.
+    push_wake: Notify,
+    /// Signalled when dirty blocks become clean (backpressure waiters).
+    room: Notify,
+    flush_order: tokio::sync::Mutex<()>,
+    /// Set after the client's first FLUSH: until then writes are written through.
+    seen_flush: AtomicBool,
+    pusher_running: AtomicBool,
+}
+
+impl VdiCache {
+    /// Opens (or creates) the cache of a VDI in `dir`. Objects whose data file is missing
+    /// or of the wrong size are dropped (their content is not trusted, never pushed).
+    pub fn open(
+        cfg: Arc<CacheConfig>,
+        dir: PathBuf,
+        vid: Vid,
+        object_size: u32,
+        fence: u64,
+    ) -> Result<VdiCache, PeerError> {
+        let meta = match MetaFile::open(&dir) {
+            Ok(m) if m.header.vid == vid && m.header.object_size == object_size => m,
+            Ok(_) | Err(_) if !dir.join("meta").exists() => MetaFile::create(
+                &dir,
+                super::meta::MetaHeader {
+                    vid,
+                    object_size,
+                    fence,
+                },
+            )
+            .map_err(|e| PeerError::new(ErrorCode::Io, e.to_string()))?,
+            other => {
+                let why = match other {
+                    Ok(_) => "belongs to another VDI or object size".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(PeerError::new(
+                    ErrorCode::Io,
+                    format!("cache {} unusable: {why}", dir.display()),
+                ));
+            }
+        };
+        let blocks = blocks_of(object_size);
+        let mut objects = HashMap::new();
+        let (mut dirty, mut valid) = (0u64, 0u64);
+        for (index, st) in meta.load_all().map_err(|e| io_error("load", e))? {
+            let path = dir.join(format!("obj-{index:08x}"));
+            let ok_len = std::fs::metadata(&path)
+                .map(|m| m.len() == object_size as u64)
+                .unwrap_or(false);
+            if !ok_len || st.valid.len() != blocks {
+                if st.dirty.any() {
+                    tracing::error!(vid, index, path = %path.display(), "cache file missing or truncated: its unflushed data is lost and will not be pushed");
+                }
+                let _ = std::fs::remove_file(&path);
+                let _ = meta.store(index, &ObjectState::new(blocks));
+                continue;
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_error("open", e))?;
+            dirty += st.dirty.count() as u64;
+            valid += st.valid.count() as u64;
+            objects.insert(index, Arc::new(CachedObject::new(index, file, st, 0)));
+        }
+        if dirty > 0 {
+            tracing::warn!(
+                vid,
+                dirty_bytes = dirty * CACHE_BLOCK,
+                "cache holds unflushed data from before the restart; pushing it"
+            );
+        }
+        Ok(VdiCache {
+            vid,
+            dir,
+            object_size,
+            cfg,
+            meta: Mutex::new(meta),
+            objects: Mutex::new(objects),
+            dirty_blocks: AtomicU64::new(dirty),
+            valid_blocks: AtomicU64::new(valid),
+            tick: AtomicU64::new(1),
+            stats: Stats::default(),
+            push_wake: Notify::new(),
+            room: Notify::new(),
+            flush_order: tokio::sync::Mutex::new(()),
+            seen_flush: AtomicBool::new(false),
+            pusher_running: AtomicBool::new(false),
+        })
+    }
+
+    pub fn fence(&self) -> u64 {
+        self.meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .header
+            .fence
+    }
+
+    /// Records the lock generation new dirty data is written under.
+    pub fn set_fence(&self, fence: u64) -> Result<(), PeerError> {
+        let mut m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        if m.header.fence != fence {
+            m.set_fence(&self.dir, fence)
+                .map_err(|e| PeerError::new(ErrorCode::Io, e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_blocks.load(Ordering::Acquire) * CACHE_BLOCK
+    }
+
+    pub fn has_dirty(&self) -> bool {
+        self.dirty_blocks.load(Ordering::Acquire) > 0
+    }
+
+    fn next_tick(&self) -> u64 {
+        self.tick.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn object(&self, index: u32) -> Option<Arc<CachedObject>> {
+        self.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&index)
+            .cloned()
+    }
+
+    fn object_or_create(&self, index: u32) -> Result<Arc<CachedObject>, PeerError> {
+        let mut objects = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = objects.get(&index) {
+            return Ok(o.clone());
+        }
+        let path = self.dir.join(format!("obj-{index:08x}"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| io_error("create", e))?;
+        file.set_len(self.object_size as u64)
+            .map_err(|e| io_error("size", e))?;
+        let o = Arc::new(CachedObject::new(
+            index,
+            file,
+            ObjectState::new(blocks_of(self.object_size)),
+            self.next_tick(),
+        ));
+        objects.insert(index, o.clone());
+        Ok(o)
+    }
+
+    fn persist(&self, o: &CachedObject, st: &ObjectState) -> Result<(), PeerError> {
+        self.meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .store(o.index, st)
+            .map_err(|e| io_error("meta", e))
+    }
+
+    /// Whether writes are still written through (before the client's first flush).
+    pub fn writes_through(&self, until_flush: bool) -> bool {
+        until_flush && !self.seen_flush.load(Ordering::Acquire)
+    }
+
+    /// Waits while dirty data is at its limit (backpressure), at most the flush timeout.
+    async fn make_room(&self, bytes: u64) -> Result<(), PeerError> {
+        let deadline = Instant::now() + self.cfg.flush_timeout;
+        let mut waited = false;
+        while self.dirty_bytes() + bytes > self.cfg.dirty_max {
+            if !waited {
+                self.stats
+                    .backpressure_waits
+                    .fetch_add(1, Ordering::Relaxed);
+                waited = true;
+            }
+            self.push_wake.notify_one();
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(PeerError::new(
+                    ErrorCode::Io,
+                    format!("cache of vid {:#x}: dirty data at its limit and not draining (replicas unreachable?)", self.vid),
+                ));
+            }
+            let _ = tokio::time::timeout(
+                (deadline - now).min(Duration::from_millis(100)),
+                self.room.notified(),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Writes into the cache. `through`: also write durably to the replicas before
+    /// returning, leaving the blocks clean (writethrough until the first flush).
+    pub async fn write(
+        &self,
+        node: &Node,
+        vdi: &VdiState,
+        offset: u64,
+        data: &[u8],
+        through: bool,
+    ) -> Result<(), PeerError> {
+        if through {
+            gateway::write(node, vdi, offset, data, true).await?;
+        } else {
+            self.make_room(data.len() as u64).await?;
+        }
+        let mut pos = 0usize;
+        for (index, in_obj, n) in split_range(offset, data.len() as u64, self.object_size) {
+            let o = self.object_or_create(index)?;
+            let piece = &data[pos..pos + n as usize];
+            pos += n as usize;
+            let mut b = o.lock();
+            let before = b.st.valid.count();
+            let newly = o
+                .write(&mut b, in_obj, piece, through)
+                .map_err(|e| io_error("write", e))?;
+            self.valid_blocks
+                .fetch_add((b.st.valid.count() - before) as u64, Ordering::Relaxed);
+            self.persist(&o, &b.st)?;
+            drop(b);
+            self.dirty_blocks.fetch_add(newly as u64, Ordering::AcqRel);
+            o.touch(self.next_tick());
+        }
+        if !through {
+            self.push_wake.notify_one();
+        }
+        self.evict();
+        Ok(())
+    }
+
+    /// Makes a range read as zeros: a "dirty, zero" state pushed as a punch.
+    pub async fn zero(&self, offset: u64, len: u64) -> Result<(), PeerError> {
+        self.make_room(len).await?;
+        for (index, in_obj, n) in split_range(offset, len, self.object_size) {
+            let o = self.object_or_create(index)?;
+            let mut b = o.lock();
+            let before = b.st.valid.count();
+            let newly = o
+                .zero(&mut b, in_obj, n)
+                .map_err(|e| io_error("punch", e))?;
+            self.valid_blocks
+                .fetch_add((b.st.valid.count() - before) as u64, Ordering::Relaxed);
+            self.persist(&o, &b.st)?;
+            drop(b);
+            self.dirty_blocks.fetch_add(newly as u64, Ordering::AcqRel);
+        }
+        self.push_wake.notify_one();
+        Ok(())
+    }
+
+    /// Reads through the cache, fetching a whole object from the replicas on a miss and
+    /// keeping it.
+    pub async fn read(
+        &self,
+        node: &Node,
+        vdi: &VdiState,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, PeerError> {
+        let mut out = Vec::with_capacity(len as usize);
+        for (index, in_obj, n) in split_range(offset, len, self.object_size) {
+            let (s, e) = block_span(in_obj, n);
+            let hit = self
+                .object(index)
+                .filter(|o| o.lock().st.valid.all_in(s, e));
+            let o = match hit {
+                Some(o) => {
+                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    o
+                }
+                None => {
+                    self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                    self.fill(node, vdi, index).await?
+                }
+            };
+            o.touch(self.next_tick());
+            out.extend(o.read(in_obj, n).map_err(|e| io_error("read", e))?);
+        }
+        self.evict();
+        Ok(out)
+    }
+
+    async fn fill(
+        &self,
+        node: &Node,
+        vdi: &VdiState,
+        index: u32,
+    ) -> Result<Arc<CachedObject>, PeerError> {
+        let osz = self.object_size as u64;
+        let whole = gateway::read(node, vdi, index as u64 * osz, osz).await?;
+        let o = self.object_or_create(index)?;
+        let mut b = o.lock();
+        let before = b.st.valid.count();
+        o.fill(&mut b, &whole).map_err(|e| io_error("fill", e))?;
+        self.valid_blocks
+            .fetch_add((b.st.valid.count() - before) as u64, Ordering::Relaxed);
+        self.persist(&o, &b.st)?;
+        drop(b);
+        Ok(o)
+    }
+
+    /// True when the cache holds dirty data in the object (BLOCK_STATUS must not call
+    /// it a hole).
+    pub fn has_dirty_data(&self, index: u32) -> bool {
+        self.object(index).is_some_and(|o| {
+            let b = o.lock();
+            (0..b.st.dirty.len()).any(|i| b.st.dirty.get(i) && !b.st.zero.get(i))
+        })
+    }
+
+    /// Evicts clean objects in LRU order while the cache is over its size.
+    fn evict(&self) {
+        let limit = self.cfg.size / CACHE_BLOCK;
+        if self.valid_blocks.load(Ordering::Relaxed) <= limit {
+            return;
+        }
+        let mut objects = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+        let mut order: Vec<(u64, u32)> = objects
+            .values()
+            .map(|o| (o.last_used.load(Ordering::Relaxed), o.index))
+            .collect();
+        order.sort_unstable();
+        for (_, index) in order {
+            if self.valid_blocks.load(Ordering::Relaxed) <= limit {
+                break;
+            }
+            let Some(o) = objects.get(&index).cloned() else {
+                continue;
+            };
+            let Ok(_io) = o.io.try_lock() else { continue };
+            let b = o.lock();
+            if b.st.dirty.any() {
+                continue;
+            }
+            let n = b.st.valid.count() as u64;
+            let _ = self
+                .meta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .store(index, &ObjectState::new(b.st.valid.len()));
+            drop(b);
+            let _ = std::fs::remove_file(self.dir.join(format!("obj-{index:08x}")));
+            objects.remove(&index);
+            self.valid_blocks.fetch_sub(n, Ordering::Relaxed);
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Pushes one object's dirty blocks not yet pushed in the current epoch.
+    async fn push_object(
+        &self,
+        node: &Node,
+        vdi: &VdiState,
+        o: &CachedObject,
+    ) -> Result<(), PeerError> {
+        let _one = o.io.lock().await;
+        let epoch = node.view().epoch();
+        let runs: Vec<PushRun> = {
+            let b = o.lock();
+            o.snapshot_for_push(&b, epoch)
+                .map_err(|e| io_error("read for push", e))?
+        };
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let base = o.index as u64 * self.object_size as u64;
+        self.stats.pushes_in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = async {
+            for r in &runs {
+                let off = base + r.start as u64 * CACHE_BLOCK;
+                let len = (r.end - r.start) as u64 * CACHE_BLOCK;
+                if r.zero {
+                    gateway::zero_range(node, vdi, off, len, false, false).await?;
+                } else {
+                    gateway::write(node, vdi, off, &r.data, false).await?;
+                }
+                self.stats.pushed_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            Ok::<(), PeerError>(())
+        }
+        .await;
+        self.stats.pushes_in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Err(e) = result {
+            self.stats.push_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+        self.stats.pushes.fetch_add(1, Ordering::Relaxed);
+        let mut b = o.lock();
+        for r in &runs {
+            for (i, seq) in (r.start..r.end).zip(&r.seqs) {
+                if b.seq[i] == *seq {
+                    b.pushed_epoch[i] = epoch;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Objects with dirty blocks, oldest use first.
+    fn dirty_objects(&self) -> Vec<Arc<CachedObject>> {
+        let objects = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = objects
+            .values()
+            .filter(|o| o.lock().st.dirty.any())
+            .cloned()
+            .collect();
+        v.sort_by_key(|o| o.last_used.load(Ordering::Relaxed));
+        v
+    }
+
+    /// Pushes every dirty object, `push_concurrency` at a time.
+    async fn push_all(
+        &self,
+        node: &Node,
+        vdi: &VdiState,
+        objs: &[Arc<CachedObject>],
+    ) -> Result<(), PeerError> {
+        let mut first_err = None;
+        for chunk in objs.chunks(self.cfg.push_concurrency.max(1)) {
+            for r in join_all(chunk.iter().map(|o| self.push_object(node, vdi, o))).await {
+                if let Err(e) = r {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// FLUSH: every write acknowledged before the call becomes durable on every live
+    /// replica (at least min_copies), or the call fails with EIO after the flush timeout
+    /// with the data still dirty. Writes arriving meanwhile go on and stay dirty.
+    pub async fn flush(&self, node: &Node, vdi: &VdiState) -> Result<(), PeerError> {
+        self.seen_flush.store(true, Ordering::Release);
+        self.sync_dirty(node, vdi).await
+    }
+
+    /// Pushes and syncs every block dirty now, then marks them clean (the body of a
+    /// FLUSH, also used by the pusher to return dirty space).
+    async fn sync_dirty(&self, node: &Node, vdi: &VdiState) -> Result<(), PeerError> {
+        let _ordered = self.flush_order.lock().await;
+        let deadline = Instant::now() + self.cfg.flush_timeout;
+        // What this flush covers: every dirty block now, with its write sequence.
+        let covered: Vec<(Arc<CachedObject>, Vec<(usize, u64)>)> = self
+            .dirty_objects()
+            .into_iter()
+            .map(|o| {
+                let b = o.lock();
+                let blocks = (0..b.st.dirty.len())
+                    .filter(|&i| b.st.dirty.get(i))
+                    .map(|i| (i, b.seq[i]))
+                    .collect();
+                drop(b);
+                (o, blocks)
+            })
+            .collect();
+        loop {
+            let objs: Vec<_> = covered.iter().map(|(o, _)| o.clone()).collect();
+            let pushed = self.push_all(node, vdi, &objs).await;
+            let epoch = node.view().epoch();
+            let synced = match pushed {
+                Ok(()) => gateway::flush(node, vdi).await,
+                Err(e) => Err(e),
+            };
+            match synced {
+                Ok(()) if node.view().epoch() == epoch => {
+                    self.mark_clean(&covered, epoch)?;
+                    self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .last_flush_unix
+                        .store(now_unix(), Ordering::Relaxed);
+                    return Ok(());
+                }
+                // The epoch moved during the flush: pushed ranges are dirty again.
+                Ok(()) => continue,
+                Err(e) => {
+                    // Anything pushed but not proven synced is pushed again next time.
+                    self.unpush(&covered);
+                    if Instant::now() >= deadline {
+                        return Err(PeerError::new(
+                            ErrorCode::Io,
+                            format!(
+                                "flush of vid {:#x} failed within {} s: {}",
+                                self.vid,
+                                self.cfg.flush_timeout.as_secs(),
+                                e.message
+                            ),
+                        ));
+                    }
+                    tracing::warn!(vid = self.vid, error = %e, "flush waiting for replicas");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    let _ = node.refresh().await;
+                }
+            }
+        }
+    }
+
+    fn unpush(&self, covered: &[(Arc<CachedObject>, Vec<(usize, u64)>)]) {
+        for (o, blocks) in covered {
+            let mut b = o.lock();
+            for (i, _) in blocks {
+                b.pushed_epoch[*i] = 0;
+            }
+        }
+    }
+
+    /// Marks covered blocks clean where no newer write hit them and they were pushed in
+    /// the epoch the sync happened in.
+    fn mark_clean(
+        &self,
+        covered: &[(Arc<CachedObject>, Vec<(usize, u64)>)],
+        epoch: u32,
+    ) -> Result<(), PeerError> {
+        let mut cleaned = 0u64;
+        for (o, blocks) in covered {
+            let mut b = o.lock();
+            for &(i, seq) in blocks {
+                if b.st.dirty.get(i) && b.seq[i] == seq && b.pushed_epoch[i] == epoch {
+                    b.st.dirty.set(i, false);
+                    b.st.zero.set(i, false);
+                    b.pushed_epoch[i] = 0;
+                    cleaned += 1;
+                }
+            }
+            self.persist(o, &b.st)?;
+        }
+        self.dirty_blocks.fetch_sub(cleaned, Ordering::AcqRel);
+        self.room.notify_waiters();
+        Ok(())
+    }
+
+    /// The background pusher: pushes dirty data as soon as possible and, when blocks
+    /// wait only for a sync (or writers wait for room), syncs to make them clean. Never
+    /// aborts on failure: it retries.
+    pub fn spawn_pusher(self: &Arc<Self>, node: Arc<Node>, vdi: Arc<VdiState>) {
+        if self.pusher_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let mut shutdown = node.shutdown_signal();
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                tokio::select! {
+                    _ = cache.push_wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.changed() => break,
+                }
+                if !cache.has_dirty() {
+                    continue;
+                }
+                let objs = cache.dirty_objects();
+                match cache.push_all(&node, &vdi, &objs).await {
+                    Ok(()) => backoff = Duration::from_millis(50),
+                    Err(e) => {
+                        tracing::warn!(vid = cache.vid, error = %e, "push failed; will retry");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                }
+                // Everything is pushed: a sync turns it clean, so dirty space is returned.
+                let pressed = cache.dirty_bytes() * 2 > cache.cfg.dirty_max;
+                if cache.has_dirty() && (pressed || cache.seen_flush.load(Ordering::Acquire)) {
+                    if let Err(e) = cache.sync_dirty(&node, &vdi).await {
+                        tracing::warn!(vid = cache.vid, error = %e, "background sync failed; will retry");
+                    }
+                }
+            }
+            cache.pusher_running.store(false, Ordering::Release);
+        });
+    }
+
+    /// Makes every cache file and the meta file durable (for a clean stop's seal).
+    pub fn sync_files(&self) -> std::io::Result<()> {
+        let objects: Vec<_> = self
+            .objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for o in objects {
+            o.sync()?;
+        }
+        self.meta.lock().unwrap_or_else(|p| p.into_inner()).sync()
+    }
+
+    pub fn info(&self, name: &str) -> CacheInfo {
+        let hits = self.stats.hits.load(Ordering::Relaxed);
+        let misses = self.stats.misses.load(Ordering::Relaxed);
+        let valid = self.valid_blocks.load(Ordering::Relaxed) * CACHE_BLOCK;
+        let dirty = self.dirty_bytes();
+        CacheInfo {
+            name: name.to_string(),
+            vid: self.vid,
+            objects: self.objects.lock().unwrap_or_else(|p| p.into_inner()).len() as u64,
+            clean_bytes: valid.saturating_sub(dirty),
+            dirty_bytes: dirty,
+            size_limit: self.cfg.size,
+            dirty_limit: self.cfg.dirty_max,
+            hits,
+            misses,
+            hit_ratio: if hits + misses == 0 {
+                0.0
+            } else {
+                hits as f64 / (hits + misses) as f64
+            },
+            pushes: self.stats.pushes.load(Ordering::Relaxed),
+            pushed_bytes: self.stats.pushed_bytes.load(Ordering::Relaxed),
+            pushes_in_flight: self.stats.pushes_in_flight.load(Ordering::Relaxed),
+            push_failures: self.stats.push_failures.load(Ordering::Relaxed),
+            backpressure_waits: self.stats.backpressure_waits.load(Ordering::Relaxed),
+            evictions: self.stats.evictions.load(Ordering::Relaxed),
+            flushes: self.stats.flushes.load(Ordering::Relaxed),
+            last_flush_unix: match self.stats.last_flush_unix.load(Ordering::Relaxed) {
+                0 => None,
+                t => Some(t),
+            },
+            seen_flush: self.seen_flush.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
