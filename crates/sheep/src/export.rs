@@ -183,6 +183,9 @@ async fn acquire_writer(node: &Arc<Node>, vid: Vid, name: &str) -> Result<u64, O
                     generation: lock.generation,
                 },
             );
+            if let Some(c) = node.cache.get().and_then(|c| c.get(vid)) {
+                c.new_session();
+            }
             Ok(lock.generation)
         }
         Err(cluster::ClusterError::Locked { holder, .. }) => {

@@ -65,9 +65,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     node.spawn_follower();
     recovery::spawn(node.clone());
     node.recovery.kick();
-    export::resume_caches(&node).await;
 
     let server = tokio::spawn(server::serve(node.clone(), listener));
+    // After a crash: push what the cache holds unflushed (needs the peer server up,
+    // since this node is usually one of the replicas).
+    let resumer = node.clone();
+    tokio::spawn(async move { export::resume_caches(&resumer).await });
     if let Some(addr) = &opts.nbd {
         let l = tokio::net::TcpListener::bind(addr)
             .await

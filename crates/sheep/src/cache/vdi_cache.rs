@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
+/// How long pushed data may wait for a sync when the client does not flush.
+const BACKGROUND_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// Pause between attempts while a flush or push waits for enough replicas.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
 
@@ -216,6 +218,12 @@ impl VdiCache {
             .unwrap_or_else(|p| p.into_inner())
             .store(o.index, st)
             .map_err(|e| io_error("meta", e))
+    }
+
+    /// A new writer session (the lock was taken anew): writethrough-until-first-flush
+    /// starts over.
+    pub fn new_session(&self) {
+        self.seen_flush.store(false, Ordering::Release);
     }
 
     /// Whether writes are still written through (before the client's first flush).
@@ -601,6 +609,7 @@ impl VdiCache {
         tokio::spawn(async move {
             let mut shutdown = node.shutdown_signal();
             let mut backoff = Duration::from_millis(50);
+            let mut last_sync = Instant::now();
             loop {
                 tokio::select! {
                     _ = cache.push_wake.notified() => {}
@@ -621,8 +630,12 @@ impl VdiCache {
                     }
                 }
                 // Everything is pushed: a sync turns it clean, so dirty space is returned.
+                // Under pressure (writers may be waiting) sync at once; otherwise let pushed
+                // data wait for the client's FLUSH, or sync it after a few idle seconds.
                 let pressed = cache.dirty_bytes() * 2 > cache.cfg.dirty_max;
-                if cache.has_dirty() && (pressed || cache.seen_flush.load(Ordering::Acquire)) {
+                let stale = last_sync.elapsed() > BACKGROUND_SYNC_INTERVAL;
+                if cache.has_dirty() && (pressed || stale) {
+                    last_sync = Instant::now();
                     if let Err(e) = cache.sync_dirty(&node, &vdi).await {
                         tracing::warn!(vid = cache.vid, error = %e, "background sync failed; will retry");
                     }
