@@ -517,7 +517,7 @@ impl BlockDevice for VdiDevice {
                 }
             };
             match out.last_mut() {
-                Some(e) if e.hole == !allocated => e.length += n,
+                Some(e) if e.hole != allocated => e.length += n,
                 _ => out.push(Extent {
                     length: n,
                     hole: !allocated,

@@ -250,6 +250,7 @@ impl Node {
         if let Some(cfg) = &m.config {
             self.open_store(cfg).await?;
         }
+        self.record_epoch(&m).await;
         let view = Arc::new(View::new(m, self.uuid));
         {
             let mut slot = self.view.write().unwrap_or_else(|p| p.into_inner());
@@ -265,6 +266,29 @@ impl Node {
             "membership changed"
         );
         Ok(view)
+    }
+
+    /// Keeps the membership of every epoch this node saw in `epochs/` of its directory.
+    async fn record_epoch(&self, m: &Membership) {
+        let dir = self.opts.dir.join("epochs");
+        let path = dir.join(format!("{:08}.json", m.epoch));
+        let body = serde_json::to_vec_pretty(m).unwrap_or_default();
+        let written = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            if !path.exists() {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, body)?;
+                std::fs::rename(&tmp, &path)?;
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::warn!(
+                epoch = m.epoch,
+                "could not record the epoch's membership locally"
+            );
+        }
     }
 
     async fn open_store(&self, cfg: &cluster::ClusterConfig) -> Result<(), PeerError> {

@@ -303,6 +303,13 @@ pub async fn read_object_replicas(
                 format!("object {oid}: no live replica"),
             ));
         }
+        // The owners cannot serve it (not recovered yet, or all failed): read the newest
+        // copy in the cluster, wherever it is, as recovery would.
+        if !(all_absent && oid.is_inode()) {
+            if let Some(data) = read_newest_anywhere(node, oid, offset, len, view.epoch()).await {
+                return Ok(data);
+            }
+        }
         let code = if all_absent {
             ErrorCode::NotFound
         } else {
@@ -354,4 +361,42 @@ async fn repair(node: &Node, bad: &NodeInfo, good: &NodeInfo, oid: Oid, epoch: u
         }
         Err(e) => tracing::error!(%oid, node = %bad.uuid, error = %e, "read-repair failed"),
     }
+}
+
+/// Reads a range from a member holding the newest copy of `oid` (by version stamp, among
+/// every member), with a recovery read, which serves copies not yet verified: the newest
+/// copy is current by definition.
+async fn read_newest_anywhere(
+    node: &Node,
+    oid: Oid,
+    offset: u64,
+    len: u32,
+    epoch: u32,
+) -> Option<Vec<u8>> {
+    let members = node.view().membership.members.clone();
+    let stamps = join_all(members.iter().map(|m| {
+        node.call(
+            m,
+            object_header(Opcode::ObjStamp, epoch, oid, 0, 0),
+            Vec::new(),
+            OBJECT_CALL_TIMEOUT,
+        )
+    }))
+    .await;
+    let found: Vec<((u64, u32), &NodeInfo)> = members
+        .iter()
+        .zip(stamps)
+        .filter_map(|(m, r)| r.ok().map(|(h, _)| ((h.generation, h.epoch), m)))
+        .collect();
+    let newest = found.iter().map(|(s, _)| *s).max()?;
+    for (_, m) in found.iter().filter(|(s, _)| *s == newest) {
+        let mut h = object_header(Opcode::ReadObj, epoch, oid, offset, len);
+        h.flags |= FLAG_RECOVERY;
+        if let Ok((_, data)) = node.call(m, h, Vec::new(), OBJECT_CALL_TIMEOUT).await {
+            if data.len() == len as usize {
+                return Some(data);
+            }
+        }
+    }
+    None
 }

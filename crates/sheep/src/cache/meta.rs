@@ -147,7 +147,7 @@ impl MetaFile {
             .ok_or_else(|| corrupt("bad header length"))?;
         let header: MetaHeader =
             serde_json::from_slice(json).map_err(|e| corrupt(&e.to_string()))?;
-        if header.object_size == 0 || header.object_size as u64 % CACHE_BLOCK != 0 {
+        if header.object_size == 0 || !(header.object_size as u64).is_multiple_of(CACHE_BLOCK) {
             return Err(corrupt("bad object size"));
         }
         Ok(MetaFile { file, header })

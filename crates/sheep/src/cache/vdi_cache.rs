@@ -30,6 +30,9 @@ fn io_error(what: &str, e: std::io::Error) -> PeerError {
     PeerError::new(ErrorCode::Io, format!("cache {what}: {e}"))
 }
 
+/// The blocks a flush covers in one object: (block, write sequence when the flush began).
+type Covered = (Arc<CachedObject>, Vec<(usize, u64)>);
+
 /// Counters shown by `dog vdi cache info`.
 #[derive(Default)]
 struct Stats {
@@ -510,7 +513,7 @@ impl VdiCache {
         let _ordered = self.flush_order.lock().await;
         let deadline = Instant::now() + self.cfg.flush_timeout;
         // What this flush covers: every dirty block now, with its write sequence.
-        let covered: Vec<(Arc<CachedObject>, Vec<(usize, u64)>)> = self
+        let covered: Vec<Covered> = self
             .dirty_objects()
             .into_iter()
             .map(|o| {
@@ -564,7 +567,7 @@ impl VdiCache {
         }
     }
 
-    fn unpush(&self, covered: &[(Arc<CachedObject>, Vec<(usize, u64)>)]) {
+    fn unpush(&self, covered: &[Covered]) {
         for (o, blocks) in covered {
             let mut b = o.lock();
             for (i, _) in blocks {
@@ -575,11 +578,7 @@ impl VdiCache {
 
     /// Marks covered blocks clean where no newer write hit them and they were pushed in
     /// the epoch the sync happened in.
-    fn mark_clean(
-        &self,
-        covered: &[(Arc<CachedObject>, Vec<(usize, u64)>)],
-        epoch: u32,
-    ) -> Result<(), PeerError> {
+    fn mark_clean(&self, covered: &[Covered], epoch: u32) -> Result<(), PeerError> {
         let mut cleaned = 0u64;
         for (o, blocks) in covered {
             let mut b = o.lock();
