@@ -422,6 +422,12 @@ async fn write(
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
+    if len.is_some() && pos < end {
+        bail!(
+            "input ended after {} of the {limit} bytes asked; those were written",
+            pos - offset
+        );
+    }
     Ok(())
 }
 

@@ -60,6 +60,14 @@ impl Sheep {
         msg::decode(&body).map_err(|e| anyhow!("bad reply from {}: {e}", self.addr))
     }
 
+    /// A control call, with the client's typed error (to tell a lost connection apart).
+    pub async fn op_raw<Req: Serialize>(&self, op: Opcode, req: &Req) -> Result<(), ClientError> {
+        self.conn
+            .call(Header::request(op, 0, 0), msg::encode(req), CALL_TIMEOUT)
+            .await
+            .map(|_| ())
+    }
+
     /// A control call whose reply is empty.
     pub async fn op<Req: Serialize>(&self, op: Opcode, req: &Req) -> Result<()> {
         self.call(Header::request(op, 0, 0), msg::encode(req))

@@ -144,7 +144,8 @@ fn running_pid(dir: &Path, i: u32) -> Option<i32> {
         .rsplit(')')
         .next()
         .is_some_and(|rest| rest.trim_start().starts_with('Z'));
-    let is_sheep = String::from_utf8_lossy(&cmdline).contains("sheep");
+    // Right after spawn the child may still be inside execve, with an empty cmdline.
+    let is_sheep = cmdline.is_empty() || String::from_utf8_lossy(&cmdline).contains("sheep");
     (is_sheep && !zombie).then_some(pid)
 }
 
