@@ -9,6 +9,7 @@ pub mod export;
 pub mod gateway;
 pub mod node;
 pub mod options;
+pub mod ordering;
 pub mod recovery;
 pub mod replicate;
 pub mod server;

@@ -9,7 +9,7 @@ use cluster::{ClusterDriver, Membership, NodeInfo};
 use placement::{PlacementNode, Ring};
 use proto::msg::{ClusterId, Hello, Role, FEATURES_NONE};
 use proto::{ErrorCode, Header, Oid, PeerError};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use store::identity::{self, ClusterStamp};
@@ -87,9 +87,9 @@ pub struct Node {
     /// The cluster this node belongs to once formatted; checked in every handshake.
     cluster: Arc<RwLock<Option<ClusterStamp>>>,
     view: RwLock<Arc<View>>,
-    last_generation: AtomicU64,
+    generations: crate::ordering::GenerationClock,
     /// Highest VDI lock generation seen in writes, per vid (fencing tokens).
-    fences: std::sync::Mutex<std::collections::HashMap<proto::Vid, u64>>,
+    fences: crate::ordering::FenceTable,
     shutdown: watch::Sender<bool>,
     /// Stops the NBD server (drain) without stopping the node.
     nbd_stop: watch::Sender<bool>,
@@ -130,7 +130,7 @@ impl Node {
             store_opening: tokio::sync::Mutex::new(()),
             cluster: shared,
             view: RwLock::new(Arc::new(View::new(Membership::default(), uuid))),
-            last_generation: AtomicU64::new(0),
+            generations: Default::default(),
             fences: Default::default(),
             shutdown,
             nbd_stop,
@@ -176,35 +176,13 @@ impl Node {
     /// A write generation: unique and increasing on this gateway (microseconds since the
     /// epoch, bumped past the last one handed out).
     pub fn next_generation(&self) -> u64 {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
-        let prev = self
-            .last_generation
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
-                Some(now.max(last + 1))
-            })
-            .unwrap_or(0);
-        now.max(prev + 1)
+        self.generations.next()
     }
 
     /// Refuses a write carrying an older VDI lock generation than one already seen:
     /// its gateway lost the lock. Writes without a token (0) were checked by their gateway.
     pub fn check_fence(&self, vid: proto::Vid, fence: u64) -> Result<(), PeerError> {
-        if fence == 0 {
-            return Ok(());
-        }
-        let mut fences = self.fences.lock().unwrap_or_else(|p| p.into_inner());
-        let seen = fences.entry(vid).or_insert(0);
-        if fence < *seen {
-            return Err(PeerError::new(
-                ErrorCode::Fenced,
-                format!("write to vid {vid:#x} carries lock generation {fence}, but generation {} has taken over", *seen),
-            ));
-        }
-        *seen = fence;
-        Ok(())
+        self.fences.check(vid, fence)
     }
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
