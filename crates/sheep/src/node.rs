@@ -327,7 +327,28 @@ impl Node {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
+        if to.uuid == self.uuid {
+            return self.call_local(header, payload).await;
+        }
         self.pool.call(&to.addr, header, payload, timeout).await
+    }
+
+    /// A request to this node itself, served in-process: the same handler and reply as
+    /// over the network, without the loopback round trip.
+    fn call_local(
+        &self,
+        header: Header,
+        payload: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, ClientError>> + Send + '_>>
+    {
+        Box::pin(async move {
+            let (h, body) = crate::server::run_request(self, header, payload).await;
+            if h.status == 0 {
+                Ok((h, body))
+            } else {
+                Err(ClientError::Peer(PeerError::from_reply(h.status, &body)))
+            }
+        })
     }
 
     /// Follows membership changes and this node's own liveness until shutdown.

@@ -116,8 +116,9 @@ async fn serve_connection(node: Arc<Node>, stream: TcpStream) -> Result<(), Fram
     result
 }
 
-/// Runs one request and builds its reply frame. Every reply carries our epoch.
-async fn run_request(node: &Node, header: Header, payload: Vec<u8>) -> (Header, Vec<u8>) {
+/// Runs one request and builds its reply frame. Every reply carries our epoch (or, for
+/// stamp replies, the stamp's). Also used for requests a node sends to itself.
+pub async fn run_request(node: &Node, header: Header, payload: Vec<u8>) -> (Header, Vec<u8>) {
     let outcome = match Opcode::try_from(header.opcode) {
         Ok(op) => dispatch(node, op, &header, payload).await,
         Err(e) => Err(PeerError::new(ErrorCode::InvalidRequest, e.to_string())),
