@@ -393,12 +393,17 @@ pub async fn run(cmd: LocalCmd) -> Result<()> {
         }
         LocalCmd::Start { dir, index } => {
             let dir = dir.dir;
-            let cfg = load_config(&dir)?;
-            if index >= cfg.nodes {
+            let mut cfg = load_config(&dir)?;
+            if index > cfg.nodes {
                 bail!(
-                    "no node {index}: the local cluster has {} node(s)",
+                    "node indices are consecutive: the next new node is {}",
                     cfg.nodes
                 );
+            }
+            if index == cfg.nodes {
+                // A new node: it joins the running cluster at a new epoch.
+                cfg.nodes += 1;
+                std::fs::write(dir.join("local.json"), serde_json::to_vec_pretty(&cfg)?)?;
             }
             spawn_node(&dir, &cfg, index)?;
             let n = wait_serving(&dir, &cfg, index).await?;

@@ -235,8 +235,11 @@ pub struct RecoveryInfo {
     pub failed: u64,
     /// Bytes recovered this round.
     pub bytes: u64,
-    /// Bytes recovered since the daemon started.
+    /// Bytes recovered by background rounds since the daemon started.
     pub bytes_total: u64,
+    /// Bytes recovered on demand for client requests (not throttled) since start.
+    #[serde(default)]
+    pub on_demand_bytes: u64,
     /// Seconds spent in recovery rounds since the daemon started.
     pub busy_secs_total: f64,
     /// Average rate of this round (bytes per second).

@@ -8,7 +8,9 @@
 //! stale before the acknowledgement.
 
 use crate::node::Node;
-use crate::replicate::{read_object_replicas, replicate, replicate_len, Policy, WriteKind};
+use crate::replicate::{
+    read_object_replicas, read_object_replicas_flagged, replicate, replicate_len, Policy, WriteKind,
+};
 use futures::future::join_all;
 use proto::inode::{decode_table, split_range, table_entry_offset, VdiHeader};
 use proto::oid::INODE_HEADER_SIZE;
@@ -176,7 +178,36 @@ async fn load_table(node: &Node, vid: Vid, count: u32) -> Result<Vec<Vid>, PeerE
 
 /// Reads a VDI's header from its inode object.
 pub async fn load_header(node: &Node, vid: Vid) -> Result<VdiHeader, PeerError> {
-    let b = read_inode(node, vid, 0, INODE_HEADER_SIZE as u32).await?;
+    load_header_flagged(node, vid, 0).await
+}
+
+/// A header read for recovery: it never triggers (unthrottled) on-demand recovery of the
+/// inode. The fields recovery needs (copies) never change after creation.
+pub async fn load_header_for_recovery(node: &Node, vid: Vid) -> Result<VdiHeader, PeerError> {
+    load_header_flagged(node, vid, proto::frame::FLAG_RECOVERY).await
+}
+
+async fn load_header_flagged(node: &Node, vid: Vid, flags: u32) -> Result<VdiHeader, PeerError> {
+    let copies = node.view().data_nodes().max(1);
+    let b = read_object_replicas_flagged(
+        node,
+        Oid::inode(vid),
+        0,
+        INODE_HEADER_SIZE as u32,
+        copies,
+        flags,
+    )
+    .await
+    .map_err(|e| {
+        if e.code == ErrorCode::NotFound {
+            PeerError::new(
+                ErrorCode::NoSuchVdi,
+                format!("vid {vid} has no inode object"),
+            )
+        } else {
+            e
+        }
+    })?;
     VdiHeader::decode(&b)
         .map_err(|e| PeerError::new(ErrorCode::Io, format!("inode of vid {vid}: {e}")))
 }

@@ -249,6 +249,19 @@ pub async fn read_object_replicas(
     len: u32,
     copies: usize,
 ) -> Result<Vec<u8>, PeerError> {
+    read_object_replicas_flagged(node, oid, offset, len, copies, 0).await
+}
+
+/// [`read_object_replicas`] with extra request flags (`FLAG_RECOVERY` for reads made
+/// by recovery itself, which never trigger recovery in turn).
+pub async fn read_object_replicas_flagged(
+    node: &Node,
+    oid: Oid,
+    offset: u64,
+    len: u32,
+    copies: usize,
+    flags: u32,
+) -> Result<Vec<u8>, PeerError> {
     for _ in 0..ATTEMPTS_MAX {
         let view = node.view();
         if !view.serving {
@@ -261,7 +274,8 @@ pub async fn read_object_replicas(
             let me = targets.remove(i);
             targets.insert(0, me);
         }
-        let h = object_header(Opcode::ReadObj, view.epoch(), oid, offset, len);
+        let mut h = object_header(Opcode::ReadObj, view.epoch(), oid, offset, len);
+        h.flags |= flags;
         let mut bad = Vec::new();
         let mut errors = Vec::new();
         let mut codes = Vec::new();

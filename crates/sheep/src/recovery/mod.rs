@@ -12,7 +12,7 @@ pub mod plan;
 pub mod throttle;
 
 use crate::dispatch::blocking;
-use crate::gateway::load_header;
+use crate::gateway::load_header_for_recovery;
 use crate::node::Node;
 use crate::replicate::OBJECT_CALL_TIMEOUT;
 use client::ClientError;
@@ -254,7 +254,7 @@ async fn run_round(node: &Node) -> Result<u64, PeerError> {
     let live: HashSet<Vid> = entries.iter().map(|e| e.vid).collect();
     let mut copies: HashMap<Vid, usize> = HashMap::new();
     for e in &entries {
-        if let Ok(h) = load_header(node, e.vid).await {
+        if let Ok(h) = load_header_for_recovery(node, e.vid).await {
             copies.insert(e.vid, h.copies as usize);
         }
     }
@@ -517,7 +517,9 @@ pub async fn ensure_current(node: &Node, oid: Oid) -> Result<(), PeerError> {
                 ));
             }
             install(node, oid, data, n).await?;
-            node.recovery.count_bytes(size);
+            // On-demand recovery serves a client and is not throttled; it is counted
+            // apart from the throttled background rate.
+            node.recovery.update(|i| i.on_demand_bytes += size);
             tracing::info!(%oid, "recovered on demand");
             Ok(())
         }
