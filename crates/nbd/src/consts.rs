@@ -95,6 +95,7 @@ pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
@@ -146,6 +147,16 @@ pub const WRITE_DISCARD_MAX_BYTES: u32 = 64 * 1024 * 1024;
 pub const IN_FLIGHT_BYTES_MIN: usize = 64 * 1024 * 1024;
 /// Most extents sent in one BLOCK_STATUS reply (the protocol allows a prefix).
 pub const BLOCK_STATUS_EXTENTS_MAX: usize = 16 * 1024;
+/// A structured READ reply reports a run of zero bytes as an `OFFSET_HOLE` chunk
+/// only if the run is at least this long; shorter runs are sent as data.
+pub const READ_HOLE_MIN_BYTES: u32 = 4096;
+/// Zero runs of a structured READ reply are found in granules of this size (rounded
+/// up to a multiple of the export's minimum block size), aligned to absolute export
+/// offsets, so every chunk boundary is a multiple of the minimum block size.
+pub const READ_HOLE_GRANULE_BYTES: u32 = 4096;
+/// Most chunks in one structured READ reply; beyond it the smallest holes are sent
+/// as data.
+pub const READ_CHUNKS_MAX: usize = 64;
 /// Socket read buffer of a connection.
 pub const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Replies gathered into one vectored write.

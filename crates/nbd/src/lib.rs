@@ -10,9 +10,14 @@
 //!   must finish within 30 s.
 //! - Transmission: READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (`NO_HOLE`, `FAST_ZERO`),
 //!   BLOCK_STATUS (`REQ_ONE`), CACHE (validated, no effect), DISC, and `FUA` on every
-//!   command. Structured replies when negotiated (a READ is answered by one
-//!   `OFFSET_DATA` chunk, errors by an `ERROR` chunk with a message), simple replies
-//!   otherwise. Requests run concurrently, replies go out in completion order.
+//!   command. Structured replies when negotiated, simple replies otherwise. A
+//!   structured READ reply reports all-zero runs of at least 4 KiB, on 4 KiB
+//!   boundaries (or the export's minimum block size if larger), as `OFFSET_HOLE`
+//!   chunks and the rest as `OFFSET_DATA` chunks, in order, the last flagged DONE,
+//!   at most 64 chunks (smaller holes are then sent as data; see
+//!   [`reply::read_chunks`]); with `DF` it is one `OFFSET_DATA` chunk. Errors are an
+//!   `ERROR` chunk with a message. Requests run concurrently, replies go out in
+//!   completion order.
 //! - Validation before the device is called: see [`request::validate`]. A WRITE whose
 //!   payload exceeds the maximum payload is read and dropped (EINVAL) up to 64 MiB;
 //!   beyond that the connection is closed. Zero-length READ/WRITE/TRIM/WRITE_ZEROES/

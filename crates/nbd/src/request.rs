@@ -102,8 +102,9 @@ pub struct ExportParams {
 /// A validated command, ready for the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    /// Read `len` bytes at `offset`.
-    Read { offset: u64, len: u32 },
+    /// Read `len` bytes at `offset`; `df` (only with structured replies): answer
+    /// with a single `OFFSET_DATA` chunk.
+    Read { offset: u64, len: u32, df: bool },
     /// Write the payload (`len` bytes) at `offset`.
     Write { offset: u64, len: u32, fua: bool },
     /// Soft disconnect.
@@ -189,7 +190,11 @@ pub fn validate(header: &RequestHeader, params: &ExportParams) -> Result<Command
         });
     }
     Ok(match header.command {
-        CMD_READ => Command::Read { offset, len },
+        CMD_READ => Command::Read {
+            offset,
+            len,
+            df: flags & CMD_FLAG_DF != 0,
+        },
         CMD_WRITE => Command::Write { offset, len, fua },
         CMD_TRIM => Command::Trim { offset, len, fua },
         CMD_CACHE => Command::Cache { offset, len },
@@ -254,7 +259,16 @@ mod tests {
             v(CMD_READ, 0, 0, 4096),
             Ok(Command::Read {
                 offset: 0,
-                len: 4096
+                len: 4096,
+                df: false
+            })
+        );
+        assert_eq!(
+            v(CMD_READ, CMD_FLAG_DF | CMD_FLAG_FUA, 0, 4096),
+            Ok(Command::Read {
+                offset: 0,
+                len: 4096,
+                df: true
             })
         );
         assert_eq!(v(CMD_READ, 0, (1 << 20) - 512, 1024), Err(NbdErrno::Inval));
@@ -275,7 +289,8 @@ mod tests {
             v(CMD_READ, 0, 1 << 20, 0),
             Ok(Command::Read {
                 offset: 1 << 20,
-                len: 0
+                len: 0,
+                df: false
             })
         );
         assert_eq!(v(CMD_BLOCK_STATUS, 0, 0, 0), Err(NbdErrno::Inval));
@@ -368,7 +383,7 @@ mod tests {
             };
             let h = RequestHeader { flags, command, cookie: 0, offset, length };
             let range = match validate(&h, &params) {
-                Ok(Command::Read { offset, len })
+                Ok(Command::Read { offset, len, .. })
                 | Ok(Command::Write { offset, len, .. })
                 | Ok(Command::Trim { offset, len, .. })
                 | Ok(Command::Cache { offset, len })

@@ -18,8 +18,10 @@ use tracing::{debug, warn};
 use crate::consts::*;
 use crate::device::{BlockDevice, BlockError};
 use crate::handshake::Negotiated;
-use crate::reply::{block_status_descriptors, write_all_vectored, Reply, ReplyBatch, ReplyBody};
-use crate::request::{payload_of, validate, Command, Payload, RequestHeader};
+use crate::reply::{
+    block_status_descriptors, read_chunks, write_all_vectored, Reply, ReplyBatch, ReplyBody,
+};
+use crate::request::{payload_of, validate, Command, ExportParams, Payload, RequestHeader};
 use crate::{wait_shutdown, Limits};
 
 /// A reply on its way to the writer, holding the request's in-flight permits until
@@ -159,7 +161,7 @@ pub(crate) async fn run<R, W>(
         let device = device.clone();
         let tx = tx.clone();
         tasks.spawn(async move {
-            let body = execute(device.as_ref(), command, data).await;
+            let body = execute(device.as_ref(), command, data, &params).await;
             let reply = Reply {
                 cookie: header.cookie,
                 is_read,
@@ -222,17 +224,35 @@ async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u32) -> io::Result<(
 }
 
 /// Runs a validated command on the device. Zero-length commands succeed without
-/// reaching it.
-async fn execute(device: &dyn BlockDevice, command: Command, data: Bytes) -> ReplyBody {
+/// reaching it. With structured replies, READ data is split into data and hole
+/// chunks here, on the request's task rather than the connection's writer.
+async fn execute(
+    device: &dyn BlockDevice,
+    command: Command,
+    data: Bytes,
+    params: &ExportParams,
+) -> ReplyBody {
     let result = match command {
-        Command::Read { offset, len: 0 } => {
+        Command::Read { offset, len: 0, .. } => {
             return ReplyBody::Data {
                 offset,
                 data: Vec::new(),
+                chunks: Vec::new(),
             }
         }
-        Command::Read { offset, len } => match device.read(offset, len).await {
-            Ok(data) if data.len() == len as usize => return ReplyBody::Data { offset, data },
+        Command::Read { offset, len, df } => match device.read(offset, len).await {
+            Ok(data) if data.len() == len as usize => {
+                let chunks = if params.structured && !df {
+                    read_chunks(&data, offset, params.block_sizes.minimum, READ_CHUNKS_MAX)
+                } else {
+                    Vec::new()
+                };
+                return ReplyBody::Data {
+                    offset,
+                    data,
+                    chunks,
+                };
+            }
             Ok(data) => Err(BlockError::io(format!(
                 "device read {} bytes of {len}",
                 data.len()

@@ -6,10 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::{run_ok, RawClient, TestServer};
 use nbd::consts::*;
-use nbd::ServerConfig;
-use tokio::io::AsyncWriteExt;
+use nbd::{BlockDevice, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A well-behaved client still gets served.
 async fn assert_still_serves(server: &TestServer) {
@@ -275,11 +276,13 @@ async fn disconnect_waits_for_requests_in_flight() {
     client.request(CMD_DISC, 0, 4, 0, 0, &[]).await;
     let mut cookies = Vec::new();
     for _ in 0..3 {
-        let (magic, _, error_or_type, cookie, _) = client.any_reply().await;
+        let (magic, flags, error_or_type, cookie, _) = client.any_reply().await;
         if magic == SIMPLE_REPLY_MAGIC {
             assert_eq!(error_or_type, 0);
         } else {
-            assert_eq!(error_or_type, u32::from(REPLY_TYPE_OFFSET_DATA));
+            // The 4 KiB read of a never-written block is one hole chunk.
+            assert_eq!(error_or_type, u32::from(REPLY_TYPE_OFFSET_HOLE));
+            assert_eq!(flags, REPLY_FLAG_DONE);
         }
         cookies.push(cookie);
     }
@@ -287,6 +290,70 @@ async fn disconnect_waits_for_requests_in_flight() {
     assert_eq!(cookies, vec![1, 2, 3]);
     client.expect_closed().await;
     assert_eq!(server.exports.slow.snapshot(0, 4096), vec![9; 4096]);
+    server.assert_devices_closed().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_read_splits_into_data_and_hole_chunks() {
+    // On the wire: data, hole, data in order, only the last chunk DONE; with DF,
+    // one OFFSET_DATA chunk; simple replies carry the bytes as before.
+    let server = TestServer::start().await;
+    let disk = &server.exports.disk;
+    disk.write(0, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    disk.write(12288, Bytes::from(vec![2u8; 4096]), false)
+        .await
+        .unwrap();
+    let mut client = RawClient::connect(server.addr).await;
+    client.go("disk", true).await;
+    client.request(CMD_READ, 0, 1, 0, 16384, &[]).await;
+    let mut chunks = Vec::new();
+    for _ in 0..3 {
+        let (magic, flags, chunk_type, cookie, payload) = client.any_reply().await;
+        assert_eq!((magic, cookie), (STRUCTURED_REPLY_MAGIC, 1));
+        chunks.push((flags, chunk_type as u16, payload));
+    }
+    let expected_data = |at: u64, fill: u8| [&at.to_be_bytes()[..], &[fill; 4096]].concat();
+    assert_eq!(chunks[0], (0, REPLY_TYPE_OFFSET_DATA, expected_data(0, 1)));
+    assert_eq!(
+        chunks[1],
+        (
+            0,
+            REPLY_TYPE_OFFSET_HOLE,
+            [&4096u64.to_be_bytes()[..], &8192u32.to_be_bytes()].concat()
+        )
+    );
+    assert_eq!(
+        chunks[2],
+        (
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            expected_data(12288, 2)
+        )
+    );
+    client
+        .request(CMD_READ, CMD_FLAG_DF, 2, 0, 16384, &[])
+        .await;
+    let (_, flags, chunk_type, cookie, payload) = client.any_reply().await;
+    assert_eq!(
+        (flags, chunk_type, cookie),
+        (REPLY_FLAG_DONE, u32::from(REPLY_TYPE_OFFSET_DATA), 2)
+    );
+    assert_eq!(payload.len(), 8 + 16384);
+    assert_eq!(&payload[8 + 4096..8 + 12288], &[0u8; 8192][..]);
+    client.request(CMD_DISC, 0, 3, 0, 0, &[]).await;
+    client.expect_closed().await;
+
+    let mut client = RawClient::connect(server.addr).await;
+    client.go("disk", false).await;
+    client.request(CMD_READ, 0, 4, 0, 16384, &[]).await;
+    assert_eq!(client.simple_reply().await, (0, 4));
+    let mut data = vec![0u8; 16384];
+    client.stream.read_exact(&mut data).await.unwrap();
+    assert_eq!(data, disk.snapshot(0, 16384));
+    client.request(CMD_DISC, 0, 5, 0, 0, &[]).await;
+    client.expect_closed().await;
     server.assert_devices_closed().await;
 }
 

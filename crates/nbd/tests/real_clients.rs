@@ -334,6 +334,82 @@ async fn nbdsh_script_covers_edge_cases_and_out_of_order_replies() {
     server.assert_devices_closed().await;
 }
 
+/// A structured READ of a partly written range, through libnbd: `pread` reassembles
+/// the chunks; `pread_structured` shows the unwritten part arriving as OFFSET_HOLE.
+const NBDSH_HOLES_SCRIPT: &str = r#"
+import nbd
+
+def chunks_of(h, count, offset, flags=0):
+    seen = []
+    def chunk(subbuf, off, status, error):
+        seen.append((off, len(subbuf), status))
+        return 0
+    data = h.pread_structured(count, offset, chunk, flags)
+    return data, sorted(seen)
+
+h = nbd.NBD()
+h.connect_uri(BASE + "/disk")
+assert h.get_structured_replies_negotiated()
+assert h.can_df()
+
+# [0, 64K) and [192K, 256K) written, [64K, 192K) never written.
+h.pwrite(b"\x11" * 65536, 0)
+h.pwrite(b"\x22" * 65536, 196608)
+expected = b"\x11" * 65536 + bytes(131072) + b"\x22" * 65536
+assert h.pread(262144, 0) == expected
+
+data, seen = chunks_of(h, 262144, 0)
+assert data == expected
+assert seen == [
+    (0, 65536, nbd.READ_DATA),
+    (65536, 131072, nbd.READ_HOLE),
+    (196608, 65536, nbd.READ_DATA),
+], seen
+
+# A read entirely inside the unwritten range: one hole.
+data, seen = chunks_of(h, 65536, 98304)
+assert data == bytes(65536)
+assert seen == [(98304, 65536, nbd.READ_HOLE)], seen
+
+# DF: a single data chunk, zeros included.
+data, seen = chunks_of(h, 262144, 0, nbd.CMD_FLAG_DF)
+assert data == expected
+assert seen == [(0, 262144, nbd.READ_DATA)], seen
+
+# Short zero runs stay data; zeros written as data still read back as a hole.
+h.pwrite(b"\x33" * 512 + bytes(2048) + b"\x33" * 512, 1 << 20)
+data, seen = chunks_of(h, 3072, 1 << 20)
+assert data == b"\x33" * 512 + bytes(2048) + b"\x33" * 512
+assert seen == [(1 << 20, 3072, nbd.READ_DATA)], seen
+h.shutdown()
+
+# Minimum block 512: a read not aligned to 4 KiB still gets a hole, and every
+# chunk boundary is a multiple of 512.
+h = nbd.NBD()
+h.connect_uri(BASE + "/aligned")
+h.pwrite(b"\x44" * 512, 512)
+data, seen = chunks_of(h, 16384, 512)
+assert data == b"\x44" * 512 + bytes(15872)
+assert [s for (_, _, s) in seen] == [nbd.READ_DATA, nbd.READ_HOLE], seen
+assert seen[0] == (512, 3584, nbd.READ_DATA), seen
+assert seen[1] == (4096, 12800, nbd.READ_HOLE), seen
+h.shutdown()
+print("nbdsh holes script done")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdsh_structured_read_reports_unwritten_ranges_as_holes() {
+    // OFFSET_HOLE chunks seen from libnbd, and the bytes it reassembles from them.
+    let server = TestServer::start().await;
+    let script = format!(
+        "BASE = 'nbd://127.0.0.1:{}'\n{NBDSH_HOLES_SCRIPT}",
+        server.addr.port()
+    );
+    let out = run_ok("nbdsh", &["-n", "-c", &script]).await;
+    assert!(out.contains("nbdsh holes script done"), "{out}");
+    server.assert_devices_closed().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdcopy_and_fio_verify_data_through_many_requests() {
     // Bulk copy (multi-conn, many requests in flight) and fio's own verification.

@@ -36,6 +36,8 @@ pub struct VdiState {
     unsynced: Mutex<HashSet<Uuid>>,
     /// Orders flushes: one does not return while an earlier one's syncs still run.
     flush_order: tokio::sync::Mutex<()>,
+    /// Table entries written but not yet durable (until the next flush).
+    unsynced_entries: Mutex<HashSet<u32>>,
     /// VDI lock generation carried by writes (fencing token); 0 when unlocked.
     fence: AtomicU64,
 }
@@ -75,6 +77,25 @@ impl VdiState {
     /// Sets the lock generation this gateway's writes carry (0 when it holds no lock).
     pub fn set_fence(&self, fence: u64) {
         self.fence.store(fence, Ordering::Release);
+    }
+
+    fn entry_unsynced(&self, index: u32) -> bool {
+        self.unsynced_entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&index)
+    }
+
+    fn note_entry(&self, index: u32, durable: bool) {
+        let mut e = self
+            .unsynced_entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if durable {
+            e.remove(&index);
+        } else {
+            e.insert(index);
+        }
     }
 
     /// Records the nodes of an unsynced write for the next flush.
@@ -164,6 +185,7 @@ pub async fn open_vdi(node: &Node, vid: Vid, refresh: Refresh) -> Result<Arc<Vdi
             .collect(),
         unsynced: Mutex::new(HashSet::new()),
         flush_order: tokio::sync::Mutex::new(()),
+        unsynced_entries: Mutex::new(HashSet::new()),
         fence: AtomicU64::new(0),
     });
     let mut vdis = node.gateway.vdis.lock().unwrap_or_else(|p| p.into_inner());
@@ -279,14 +301,26 @@ async fn read_object(
     if owner == 0 {
         return Ok(vec![0u8; len as usize]);
     }
-    read_object_replicas(
+    let read = read_object_replicas(
         node,
         Oid::data(owner, index),
         offset,
         len,
         h.copies as usize,
     )
-    .await
+    .await;
+    match read {
+        // No copy anywhere: another gateway may have freed it (whole-object TRIM)
+        // since we cached the entry. The inode says.
+        Err(e) if e.code == ErrorCode::NotFound => {
+            vdi.set_entry(index, 0);
+            if refresh_entry(node, vdi, h, index).await? == 0 {
+                return Ok(vec![0u8; len as usize]);
+            }
+            Err(e)
+        }
+        other => other,
+    }
 }
 
 async fn refresh_entry(
@@ -347,6 +381,11 @@ async fn write_object(
     if owner == h.vid {
         let nodes = replicate(node, WriteKind::Write, oid, offset, data, policy).await?;
         vdi.note_unsynced(durable, nodes);
+        if durable && vdi.entry_unsynced(index) {
+            // The object was created by a write not yet flushed: a durable write must
+            // make the table entry pointing at it durable too.
+            set_table_entry(node, vdi, h, index, h.vid, true).await?;
+        }
         return Ok(());
     }
     if owner != 0 {
@@ -381,6 +420,7 @@ async fn set_table_entry(
     .await?;
     vdi.note_unsynced(durable, nodes);
     vdi.set_entry(index, owner);
+    vdi.note_entry(index, durable);
     Ok(())
 }
 
@@ -451,9 +491,17 @@ pub async fn allocation(
     len: u64,
 ) -> Result<Vec<(u64, bool)>, PeerError> {
     let h = vdi.header();
+    let pieces = split_range(offset, len, h.object_size);
+    if let (Some(first), Some(last)) = (pieces.first(), pieces.last()) {
+        // One inode read refreshes every entry of the range that looks unwritten (another
+        // gateway may have written since we loaded the table).
+        if (first.0..=last.0).any(|i| vdi.entry(i) == 0) {
+            refresh_entries(node, vdi, h.vid, first.0, last.0 - first.0 + 1).await?;
+        }
+    }
     let mut runs: Vec<(u64, bool)> = Vec::new();
-    for (index, _, n) in split_range(offset, len, h.object_size) {
-        let allocated = owner_of(node, vdi, index).await? != 0;
+    for (index, _, n) in pieces {
+        let allocated = vdi.entry(index) != 0;
         match runs.last_mut() {
             Some((l, a)) if *a == allocated => *l += n,
             _ => runs.push((n, allocated)),
@@ -473,6 +521,13 @@ pub async fn flush(node: &Node, vdi: &VdiState) -> Result<(), PeerError> {
         std::mem::take(&mut *vdi.unsynced.lock().unwrap_or_else(|p| p.into_inner()))
             .into_iter()
             .collect();
+    let entries: Vec<u32> = vdi
+        .unsynced_entries
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .copied()
+        .collect();
     let results = join_all(due.iter().map(|u| sync_node(node, *u))).await;
     let mut unreached = Vec::new();
     let mut first_err = None;
@@ -496,6 +551,14 @@ pub async fn flush(node: &Node, vdi: &VdiState) -> Result<(), PeerError> {
             .unwrap_or_else(|p| p.into_inner())
             .extend(unreached);
         return Err(e);
+    }
+    // The entries written before this flush are durable now (their nodes were synced).
+    let mut unsynced = vdi
+        .unsynced_entries
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    for i in entries {
+        unsynced.remove(&i);
     }
     Ok(())
 }
@@ -541,6 +604,21 @@ async fn sync_node(node: &Node, uuid: Uuid) -> Result<(), PeerError> {
             }
         }
     }
+}
+
+/// Reloads `count` table entries from `first` in one inode read.
+async fn refresh_entries(
+    node: &Node,
+    vdi: &VdiState,
+    vid: Vid,
+    first: u32,
+    count: u32,
+) -> Result<(), PeerError> {
+    let b = read_inode(node, vid, table_entry_offset(first), 4 * count).await?;
+    for (i, owner) in decode_table(&b).into_iter().enumerate() {
+        vdi.set_entry(first + i as u32, owner);
+    }
+    Ok(())
 }
 
 /// The owner of a table entry, refreshed from the inode when the cache says "never written".

@@ -301,6 +301,20 @@ pub async fn delete(node: &Node, body: &[u8]) -> Result<Outcome, PeerError> {
     formatted(node)?;
     let vid = lookup(node, &req.name).await?;
     check_not_locked_elsewhere(node, vid, &req.name, "delete").await?;
+    // A client that just disconnected from this gateway releases the lock after its
+    // final flush: give it a moment.
+    for _ in 0..50 {
+        if node
+            .driver
+            .lock_get(vid)
+            .await
+            .map_err(from_cluster)?
+            .is_none()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     if node
         .driver
         .lock_get(vid)
