@@ -1,0 +1,3 @@
+//! Helpers shared by the integration test binaries that include `mod common;`.
+
+pub mod nbd;
