@@ -3,6 +3,7 @@
 
 use crate::framing::{read_frame, write_frame};
 use crate::ClientError;
+use bytes::Bytes;
 use proto::msg::{self, Hello};
 use proto::{Header, Opcode, PeerError};
 use std::collections::HashMap;
@@ -15,8 +16,9 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Requests in flight on one connection.
 const IN_FLIGHT_MAX: usize = 256;
-/// Frames queued for the writer task.
-const WRITE_QUEUE_MAX: usize = 64;
+/// Frames queued for the writer task (each up to an object: this bounds the memory a
+/// connection holds in queued payloads).
+const WRITE_QUEUE_MAX: usize = 8;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A successful reply: its header and payload.
@@ -27,7 +29,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, ClientError>
 /// A connection on which calls are pipelined.
 pub struct Connection {
     addr: String,
-    writer: mpsc::Sender<(Header, Vec<u8>)>,
+    writer: mpsc::Sender<(Header, Bytes)>,
     pending: Pending,
     next_id: AtomicU64,
     slots: Semaphore,
@@ -105,7 +107,7 @@ impl Connection {
 
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let alive = Arc::new(AtomicBool::new(true));
-        let (tx, mut rx) = mpsc::channel::<(Header, Vec<u8>)>(WRITE_QUEUE_MAX);
+        let (tx, mut rx) = mpsc::channel::<(Header, Bytes)>(WRITE_QUEUE_MAX);
         let alive_w = alive.clone();
         tokio::spawn(async move {
             while let Some((h, p)) = rx.recv().await {
@@ -175,9 +177,10 @@ impl Connection {
     pub async fn call(
         &self,
         mut header: Header,
-        payload: Vec<u8>,
+        payload: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
+        let payload: Bytes = payload.into();
         let _slot = self
             .slots
             .acquire()

@@ -65,7 +65,7 @@ impl Pool {
         &self,
         addr: &str,
         header: Header,
-        payload: Vec<u8>,
+        payload: impl Into<bytes::Bytes>,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
         let conn = self.get(addr).await?;

@@ -53,6 +53,64 @@ pub struct OpenExports {
     writers: tokio::sync::Mutex<HashMap<Vid, WriterEntry>>,
 }
 
+impl OpenExports {
+    /// Whether this gateway holds the VDI's lock for its clients.
+    pub async fn holds(&self, vid: Vid) -> bool {
+        self.writers.lock().await.contains_key(&vid)
+    }
+
+    /// Runs an admin write (`dog vdi write`) as a writer of the VDI: on the holder, with
+    /// its cache (if any); otherwise the lock is taken for the write and released after,
+    /// and a cache of an earlier session is dropped (the write goes around it).
+    pub async fn with_writer<'a, F, Fut>(
+        &self,
+        node: &'a Node,
+        vid: Vid,
+        name: &str,
+        f: F,
+    ) -> Result<(), PeerError>
+    where
+        F: FnOnce(Option<Arc<VdiCache>>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), PeerError>> + 'a,
+    {
+        let writers = self.writers.lock().await;
+        if writers.contains_key(&vid) {
+            let cache = node.cache.get().and_then(|c| c.get(vid));
+            drop(writers);
+            return f(cache).await;
+        }
+        let lock = node
+            .driver
+            .lock_acquire(vid, node.uuid)
+            .await
+            .map_err(|e| match e {
+                cluster::ClusterError::Locked { holder, .. } => PeerError::new(
+                    ErrorCode::Locked,
+                    format!("VDI '{name}' is locked by node {holder}"),
+                ),
+                other => crate::error::from_cluster(other),
+            })?;
+        if let Some(nc) = node.cache.get() {
+            nc.drop_vdi(vid);
+        }
+        let vdi = crate::gateway::open_vdi(node, vid, Refresh::Cached).await?;
+        vdi.set_fence(lock.generation);
+        let result = f(None).await;
+        // Writes made without FUA must be durable before another writer may take over.
+        let flushed = gateway::flush(node, &vdi).await;
+        vdi.set_fence(0);
+        drop(writers);
+        if let Err(e) = node
+            .driver
+            .lock_release(vid, node.uuid, lock.generation)
+            .await
+        {
+            tracing::warn!(vid, error = %e, "releasing the VDI lock after an admin write failed");
+        }
+        result.and(flushed)
+    }
+}
+
 struct WriterEntry {
     connections: usize,
     generation: u64,
@@ -299,7 +357,10 @@ fn open_cache(
 /// otherwise it is set aside, never pushed. Resumed caches are pushed, flushed, and the
 /// lock released once no client uses the VDI.
 pub async fn resume_caches(node: &Arc<Node>) {
-    let Some(nc) = node.cache.get() else { return };
+    let Some(nc) = node.cache.get() else {
+        release_orphan_locks(node).await;
+        return;
+    };
     for vid in nc.on_disk() {
         let dir = nc.cfg.root.join(format!("{vid:06x}"));
         let (fence, dirty) = match crate::cache::meta::MetaFile::open(&dir) {
@@ -367,6 +428,36 @@ pub async fn resume_caches(node: &Arc<Node>) {
         );
         cache.spawn_pusher(node.clone(), vdi.clone());
         release_writer(node, &vdi, vid).await;
+    }
+    release_orphan_locks(node).await;
+}
+
+/// Releases locks this node held before it restarted for VDIs it no longer serves (its
+/// cache had nothing to push, or was dropped after a reboot): nobody else could write
+/// them otherwise.
+async fn release_orphan_locks(node: &Node) {
+    let Ok(locks) = node.driver.lock_list().await else {
+        return;
+    };
+    for l in locks.into_iter().filter(|l| l.holder == node.uuid) {
+        let writers = node.exports.writers.lock().await;
+        if writers.contains_key(&l.vid) {
+            continue;
+        }
+        match node
+            .driver
+            .lock_release(l.vid, node.uuid, l.generation)
+            .await
+        {
+            Ok(()) => tracing::info!(
+                vid = l.vid,
+                generation = l.generation,
+                "released a VDI lock held before the restart"
+            ),
+            Err(e) => {
+                tracing::warn!(vid = l.vid, error = %e, "could not release a VDI lock held before the restart")
+            }
+        }
     }
 }
 

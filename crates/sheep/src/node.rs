@@ -324,11 +324,12 @@ impl Node {
         &self,
         to: &NodeInfo,
         header: Header,
-        payload: Vec<u8>,
+        payload: impl Into<bytes::Bytes>,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
+        let payload: bytes::Bytes = payload.into();
         if to.uuid == self.uuid {
-            return self.call_local(header, payload).await;
+            return self.call_local(header, payload.to_vec()).await;
         }
         self.pool.call(&to.addr, header, payload, timeout).await
     }

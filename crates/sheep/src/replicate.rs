@@ -130,10 +130,11 @@ pub async fn replicate_len(
         if durable {
             h.flags |= FLAG_DURABLE;
         }
+        // One copy of the data, shared by the requests to every replica.
         let payload = if kind == WriteKind::Punch || kind == WriteKind::Remove {
-            Vec::new()
+            bytes::Bytes::new()
         } else {
-            data.to_vec()
+            bytes::Bytes::copy_from_slice(data)
         };
         let calls = targets
             .iter()
@@ -191,7 +192,7 @@ async fn send_write(
     to: &NodeInfo,
     kind: WriteKind,
     h: Header,
-    payload: Vec<u8>,
+    payload: bytes::Bytes,
 ) -> Result<(), ClientError> {
     match node.call(to, h, payload.clone(), OBJECT_CALL_TIMEOUT).await {
         Ok(_) => Ok(()),

@@ -14,6 +14,8 @@ use tokio::sync::{mpsc, Semaphore};
 
 /// Requests one connection may have in flight.
 const CONN_IN_FLIGHT_MAX: usize = 128;
+/// KiB of request payload one connection's running requests may hold.
+const CONN_PAYLOAD_KIB_MAX: usize = 64 << 10;
 /// Time a new connection has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more wait in the kernel's backlog.
@@ -93,6 +95,7 @@ async fn serve_connection(node: Arc<Node>, stream: TcpStream) -> Result<(), Fram
         }
     });
     let slots = Arc::new(Semaphore::new(CONN_IN_FLIGHT_MAX));
+    let payload_budget = Arc::new(Semaphore::new(CONN_PAYLOAD_KIB_MAX));
     let result = loop {
         let (header, payload) = match read_frame(&mut rd).await {
             Ok(f) => f,
@@ -103,12 +106,21 @@ async fn serve_connection(node: Arc<Node>, stream: TcpStream) -> Result<(), Fram
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break Ok(());
         };
+        // Bytes of payload held by requests of this connection are bounded too: the
+        // reader stops until running requests release theirs.
+        let kib = (header.payload_len as usize)
+            .div_ceil(1024)
+            .clamp(1, CONN_PAYLOAD_KIB_MAX) as u32;
+        let Ok(bytes_permit) = payload_budget.clone().acquire_many_owned(kib).await else {
+            break Ok(());
+        };
         let node = node.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
             let reply = run_request(&node, header, payload).await;
             let _ = tx.send(reply).await;
             drop(permit);
+            drop(bytes_permit);
         });
     };
     drop(tx);

@@ -432,19 +432,41 @@ async fn io_target(
     Ok(v)
 }
 
+/// `dog vdi read`: served by the gateway that holds the VDI (through its cache, which
+/// has the newest data); a VDI in writeback mode held by another gateway is refused,
+/// since its newest data may be only in that gateway's cache.
 pub async fn read(node: &Node, h: &Header) -> Result<Outcome, PeerError> {
     let v = io_target(node, h, h.length as u64).await?;
-    Ok(Outcome::data(
-        gateway::read(node, &v, h.offset, h.length as u64).await?,
-    ))
+    let hdr = v.header();
+    if hdr.cache_mode == "writeback" {
+        check_not_locked_elsewhere(node, hdr.vid, &hdr.name, "read").await?;
+    }
+    let data = match node.cache.get().and_then(|c| c.get(hdr.vid)) {
+        Some(c) if node.exports.holds(hdr.vid).await => {
+            c.read(node, &v, h.offset, h.length as u64).await?
+        }
+        _ => gateway::read(node, &v, h.offset, h.length as u64).await?,
+    };
+    Ok(Outcome::data(data))
 }
 
+/// `dog vdi write`: one writer per VDI. On the gateway holding the VDI the write goes
+/// through its cache (written through to the replicas, durable when asked); elsewhere a
+/// held VDI is refused. An unheld VDI is locked for the write, so the lock generation
+/// moves and any cache of an earlier session is known to be stale.
 pub async fn write(node: &Node, h: &Header, data: Vec<u8>) -> Result<Outcome, PeerError> {
     let v = io_target(node, h, data.len() as u64).await?;
-    // One writer per VDI: a VDI locked by another gateway is written only through it.
-    check_not_locked_elsewhere(node, v.header().vid, &v.header().name, "write").await?;
+    let hdr = v.header();
+    check_not_locked_elsewhere(node, hdr.vid, &hdr.name, "write").await?;
     let durable = h.has_flag(proto::frame::FLAG_DURABLE);
-    gateway::write(node, &v, h.offset, &data, durable).await?;
+    node.exports
+        .with_writer(node, hdr.vid, &hdr.name, |holder_cache| async move {
+            match holder_cache {
+                Some(c) => c.write(node, &v, h.offset, &data, true).await,
+                None => gateway::write(node, &v, h.offset, &data, durable).await,
+            }
+        })
+        .await?;
     Ok(Outcome::default())
 }
 

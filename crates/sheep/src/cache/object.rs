@@ -100,6 +100,9 @@ impl CachedObject {
                     newly_dirty += 1;
                 }
                 b.st.dirty.set(i, true);
+            }
+            if !clean || b.st.dirty.get(i) {
+                // New content: a push of the old content in flight must not mark it clean.
                 b.seq[i] = self.next_seq.fetch_add(1, Ordering::Relaxed);
                 b.pushed_epoch[i] = 0;
             }

@@ -400,7 +400,14 @@ impl VdiCache {
             let Some(o) = objects.get(&index).cloned() else {
                 continue;
             };
-            let Ok(_io) = o.io.try_lock() else { continue };
+            // In use (a read, write, fill or push holds it): never evicted under it, or
+            // that write would land in an unlinked file.
+            if Arc::strong_count(&o) > 2 {
+                continue;
+            }
+            let Ok(_io) = o.io.try_lock() else {
+                continue;
+            };
             let b = o.lock();
             if b.st.dirty.any() {
                 continue;
@@ -594,6 +601,8 @@ impl VdiCache {
         }
         self.dirty_blocks.fetch_sub(cleaned, Ordering::AcqRel);
         self.room.notify_waiters();
+        // Objects that just turned clean may now be evicted.
+        self.evict();
         Ok(())
     }
 
