@@ -405,6 +405,7 @@ impl Node {
         let alive = self.driver.still_alive().await;
         let member = self.view().serving;
         if alive && member {
+            self.apply_stale_registry().await;
             return;
         }
         self.mark_not_serving();
@@ -422,6 +423,32 @@ impl Node {
             }
             Err(e) => tracing::error!(error = %e, "rejoin failed"),
         }
+    }
+
+    /// Quarantines the copies a gateway recorded as stale for this node (it missed a write
+    /// the other replicas applied while this node could not be told directly), so they are
+    /// recovered, never served.
+    async fn apply_stale_registry(&self) {
+        let Ok(oids) = self.driver.stale_for(self.uuid).await else {
+            return;
+        };
+        let Some(store) = self.store() else {
+            return;
+        };
+        if oids.is_empty() {
+            return;
+        }
+        for oid in oids {
+            let s = store.clone();
+            let marked = tokio::task::spawn_blocking(move || s.mark_stale(oid)).await;
+            if matches!(marked, Ok(Ok(()))) {
+                tracing::warn!(%oid, "a gateway marked this copy stale (it missed a write): quarantined");
+                if let Err(e) = self.driver.clear_stale(oid, self.uuid).await {
+                    tracing::warn!(%oid, error = %e, "could not clear the stale mark");
+                }
+            }
+        }
+        self.recovery.kick();
     }
 
     fn mark_not_serving(&self) {

@@ -495,12 +495,20 @@ impl VdiCache {
         vdi: &VdiState,
         objs: &[Arc<CachedObject>],
     ) -> Result<(), PeerError> {
+        // A sliding window of pushes (not batches): one slow object does not hold up
+        // the others.
+        let window = tokio::sync::Semaphore::new(self.cfg.push_concurrency.max(1));
+        let pushes = objs.iter().map(|o| {
+            let window = &window;
+            async move {
+                let _slot = window.acquire().await;
+                self.push_object(node, vdi, o).await
+            }
+        });
         let mut first_err = None;
-        for chunk in objs.chunks(self.cfg.push_concurrency.max(1)) {
-            for r in join_all(chunk.iter().map(|o| self.push_object(node, vdi, o))).await {
-                if let Err(e) = r {
-                    first_err.get_or_insert(e);
-                }
+        for r in join_all(pushes).await {
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
             }
         }
         first_err.map_or(Ok(()), Err)
