@@ -95,9 +95,9 @@ impl OpenExports {
         }
         let vdi = crate::gateway::open_vdi(node, vid, Refresh::Cached).await?;
         vdi.set_fence(lock.generation);
+        // Unlike an NBD writer, nothing is cached here: the written data is on the
+        // replicas (durable when the write asked for it), so the lock goes at once.
         let result = f(None).await;
-        // Writes made without FUA must be durable before another writer may take over.
-        let flushed = gateway::flush(node, &vdi).await;
         vdi.set_fence(0);
         drop(writers);
         if let Err(e) = node
@@ -107,7 +107,7 @@ impl OpenExports {
         {
             tracing::warn!(vid, error = %e, "releasing the VDI lock after an admin write failed");
         }
-        result.and(flushed)
+        result
     }
 }
 
