@@ -426,6 +426,10 @@ pub async fn resume_caches(node: &Arc<Node>) {
             dirty_bytes = cache.dirty_bytes(),
             "resuming the push of unflushed cache data after a restart"
         );
+        // The crash may have cut a table-entry update short on some inode replicas.
+        if let Err(e) = gateway::reassert_entries(node, &vdi, &cache.dirty_indices()).await {
+            tracing::warn!(vid, error = %e, "could not re-assert table entries; the pushes will retry");
+        }
         cache.spawn_pusher(node.clone(), vdi.clone());
         release_writer(node, &vdi, vid).await;
     }

@@ -606,6 +606,24 @@ async fn sync_node(node: &Node, uuid: Uuid) -> Result<(), PeerError> {
     }
 }
 
+/// Writes again, to every inode replica, the table entries of objects this VDI owns
+/// among `indices`. After a gateway crashed in the middle of creating an object, some
+/// inode replicas may lack the entry the others have; a resumed cache re-asserts the
+/// entries of what it pushes.
+pub async fn reassert_entries(
+    node: &Node,
+    vdi: &VdiState,
+    indices: &[u32],
+) -> Result<(), PeerError> {
+    let h = vdi.header();
+    for &index in indices {
+        if vdi.entry(index) == h.vid {
+            set_table_entry(node, vdi, &h, index, h.vid, false).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Reloads `count` table entries from `first` in one inode read.
 async fn refresh_entries(
     node: &Node,

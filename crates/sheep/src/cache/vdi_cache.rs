@@ -661,6 +661,11 @@ impl VdiCache {
         });
     }
 
+    /// Indices of the objects holding dirty data.
+    pub fn dirty_indices(&self) -> Vec<u32> {
+        self.dirty_objects().iter().map(|o| o.index).collect()
+    }
+
     /// Makes every cache file and the meta file durable (for a clean stop's seal).
     pub fn sync_files(&self) -> std::io::Result<()> {
         let objects: Vec<_> = self

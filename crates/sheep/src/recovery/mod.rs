@@ -264,28 +264,11 @@ async fn run_round(node: &Node) -> Result<u64, PeerError> {
     for list in holdings_known.values_mut() {
         list.retain(|(oid, _)| known.contains_key(&oid.vid()) || !live.contains(&oid.vid()));
     }
-    let verified: HashSet<Oid> = {
-        let unverified = node
-            .recovery
-            .unverified
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        holdings
-            .get(&node.uuid)
-            .map(|l| {
-                l.iter()
-                    .map(|(o, _)| *o)
-                    .filter(|o| !unverified.contains(o))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let p = plan(&PlanInput {
         me: node.uuid,
         ring: &view.ring,
         copies: &known,
         holdings: &holdings_known,
-        verified: &verified,
     });
     node.recovery.update(|i| {
         i.epoch = epoch;
