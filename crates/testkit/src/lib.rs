@@ -131,8 +131,31 @@ pub fn assert_fails_with(out: &Output, words: &[&str]) -> String {
     stderr
 }
 
-/// Runs `cmd` to completion with `input` on stdin; kills it after `timeout`.
-pub(crate) fn run_command(
+/// PATH with /usr/bin and /usr/sbin first: nbdsh must run under the system python3 (the
+/// one with libnbd), not another python earlier on PATH.
+pub fn tool_path() -> std::ffi::OsString {
+    let rest = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")];
+    dirs.extend(std::env::split_paths(&rest));
+    std::env::join_paths(dirs).expect("PATH entries are joinable")
+}
+
+/// A command for external tool `name`, run with [`tool_path`]; fails the test loudly
+/// (through [`require_tool`]) if it is not installed.
+pub fn tool(name: &str) -> Command {
+    let path = tool_path();
+    let program = std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| require_tool(name));
+    let mut cmd = Command::new(program);
+    cmd.env("PATH", path);
+    cmd
+}
+
+/// Runs `cmd` to completion with `input` on stdin (closed when `None`), collecting its
+/// output; kills it after `timeout`. The one command runner of the test kit.
+pub fn run_command(
     mut cmd: Command,
     input: Option<&[u8]>,
     timeout: Duration,

@@ -200,12 +200,9 @@ impl CacheCluster {
 
     /// `dog -a <node i> <args>` with `input` on stdin (for `vdi write`).
     pub fn dog_at_stdin(&self, i: u32, args: &[&str], input: &[u8]) -> Output {
-        let file = tempfile::NamedTempFile::new().expect("temp file for dog's stdin");
-        std::fs::write(file.path(), input).expect("writing dog's stdin");
         let mut cmd = Command::new(bin("dog"));
         cmd.arg("-a").arg(self.peer_addr(i)).args(args);
-        cmd.stdin(std::fs::File::open(file.path()).expect("opening dog's stdin"));
-        run_with_stdin(cmd, DOG_TIMEOUT)
+        testkit::run_command(cmd, Some(input), DOG_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// `dog -a <node i> <args>`, asserting success; its stdout.
@@ -468,50 +465,6 @@ impl Drop for CacheCluster {
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Runs `cmd` (its stdin already set) to completion, killing it after `timeout`.
-fn run_with_stdin(mut cmd: Command, timeout: Duration) -> Output {
-    use std::io::Read;
-    let shown = format!("{cmd:?}");
-    cmd.stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let out = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        buf
-    });
-    let err = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{shown} did not finish within {} s; killed",
-                    timeout.as_secs()
-                );
-            }
-            Err(e) => panic!("waiting for {shown}: {e}"),
-        }
-    };
-    Output {
-        status,
-        stdout: out.join().expect("stdout reader"),
-        stderr: err.join().expect("stderr reader"),
-    }
 }
 
 /// Whether every port of `ports` can be bound on 127.0.0.1 right now.

@@ -15,7 +15,8 @@ use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use testkit::{describe, require_tool, sha256_of, wait_until, ClusterOpts, LocalCluster};
+pub use testkit::tool;
+use testkit::{describe, sha256_of, wait_until, ClusterOpts, LocalCluster};
 
 pub const KIB: usize = 1 << 10;
 pub const MIB: usize = 1 << 20;
@@ -32,73 +33,9 @@ const RAW_IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ----- running tools -------------------------------------------------------------------
 
-/// PATH with /usr/bin first (nbdsh must run with the system python3 that has libnbd).
-fn tool_path() -> std::ffi::OsString {
-    let rest = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs = vec![
-        std::path::PathBuf::from("/usr/bin"),
-        std::path::PathBuf::from("/usr/sbin"),
-    ];
-    dirs.extend(std::env::split_paths(&rest));
-    std::env::join_paths(dirs).expect("PATH entries are joinable")
-}
-
-/// A command for external tool `name`; fails the test if the tool is not installed.
-pub fn tool(name: &str) -> Command {
-    let path = tool_path();
-    let found = std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file());
-    // require_tool gives the uniform "not installed" failure (it searches the caller's
-    // PATH; /usr/bin and /usr/sbin are searched first here).
-    let program = found.unwrap_or_else(|| require_tool(name));
-    let mut cmd = Command::new(program);
-    cmd.env("PATH", path);
-    cmd
-}
-
 /// Runs `cmd` to completion (stdin closed), killing it after `timeout`.
-pub fn run(mut cmd: Command, timeout: Duration) -> Output {
-    let shown = format!("{cmd:?}");
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let out = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        buf
-    });
-    let err = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{shown} did not finish within {} s; killed",
-                    timeout.as_secs()
-                );
-            }
-            Err(e) => panic!("waiting for {shown}: {e}"),
-        }
-    };
-    Output {
-        status,
-        stdout: out.join().expect("stdout reader"),
-        stderr: err.join().expect("stderr reader"),
-    }
+pub fn run(cmd: Command, timeout: Duration) -> Output {
+    testkit::run_command(cmd, None, timeout).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs `cmd` and asserts it succeeded; `what` names it in the failure message.
