@@ -8,16 +8,12 @@
 
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::Value;
-use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use testkit::{
-    describe, random_bytes, require_tool, sha256_of, wait_until, ClusterOpts, LocalCluster,
-};
+use testkit::{describe, random_bytes, sha256_of, tool, wait_until, ClusterOpts, LocalCluster};
 
 const MIB: usize = 1 << 20;
 const KIB: usize = 1 << 10;
@@ -29,26 +25,6 @@ const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
 
 // ----- running tools -------------------------------------------------------------------
-
-/// PATH with /usr/bin first: nbdsh must run under the system python3 (the one with libnbd).
-fn tool_path() -> OsString {
-    let rest = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs = vec![PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")];
-    dirs.extend(std::env::split_paths(&rest));
-    std::env::join_paths(dirs).expect("PATH entries are joinable")
-}
-
-/// A command for external tool `name`; fails the test loudly if it is not installed.
-fn tool(name: &str) -> Command {
-    let path = tool_path();
-    let program = std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| require_tool(name));
-    let mut cmd = Command::new(program);
-    cmd.env("PATH", path);
-    cmd
-}
 
 /// A started child process. Its stdout is passed on line by line (so a test can react
 /// to progress) and collected; stderr is collected. Killed if dropped before it was
