@@ -633,10 +633,15 @@ impl VdiCache {
                     _ = shutdown.changed() => break,
                 }
                 if !cache.has_dirty() {
+                    // Idle: clean objects beyond the size go now (eviction skips objects
+                    // in use, so the ones a flush just cleaned may still be here).
+                    cache.evict();
                     continue;
                 }
                 let objs = cache.dirty_objects();
-                match cache.push_all(&node, &vdi, &objs).await {
+                let pushed = cache.push_all(&node, &vdi, &objs).await;
+                drop(objs);
+                match pushed {
                     Ok(()) => backoff = Duration::from_millis(50),
                     Err(e) => {
                         tracing::warn!(vid = cache.vid, error = %e, "push failed; will retry");
