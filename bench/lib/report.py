@@ -224,10 +224,12 @@ def write(out: str, data: dict, workloads, cells: dict, log) -> str:
         L.append("## The write-back cache during the runs")
         L.append("")
         L.append("From `dog vdi cache info bench-wb --json` on the gateway, polled every 0.5 s during each run: counter "
-                 "changes over the run (median over the repetitions) and the peak of dirty data during the measured part.")
+                 "changes over the run (median over the repetitions) and the peaks during the measured part of unpushed data "
+                 "(what the dirty limit bounds: writes wait when it is reached) and of all dirty data (pushed data "
+                 "stays dirty until a sync; it is bounded by the cache size).")
         L.append("")
-        L.append("| workload | hit ratio | misses | evictions | backpressure waits | pushed | peak dirty / limit |")
-        L.append("|---|---|---|---|---|---|---|")
+        L.append("| workload | hit ratio | misses | evictions | backpressure waits | pushed | peak unpushed / limit | peak dirty |")
+        L.append("|---|---|---|---|---|---|---|---|")
         for w in workloads:
             rs = [r["cache"] for r in wb if r["workload"] == w.key]
             if not rs:
@@ -240,8 +242,10 @@ def write(out: str, data: dict, workloads, cells: dict, log) -> str:
             hr = f"{hits / (hits + misses):.1%}" if hits + misses else "—"
             lim = rs[0].get("dirty_limit", 0)
             pdirty = med("peak_dirty_measured")
+            punpushed = med("peak_unpushed_measured")
             L.append(f"| {w.title} | {hr} | {misses:,} | {med('evictions'):,} | {med('backpressure_waits'):,} | "
-                     f"{med('pushed_bytes') / 2**20:,.0f} MiB | {pdirty / 2**20:,.0f} / {lim / 2**20:,.0f} MiB |")
+                     f"{med('pushed_bytes') / 2**20:,.0f} MiB | {punpushed / 2**20:,.0f} / {lim / 2**20:,.0f} MiB | "
+                     f"{pdirty / 2**20:,.0f} MiB |")
         L.append("")
 
     if data["prefill"]:

@@ -104,7 +104,7 @@ class Dog:
 
 class CacheWatch:
     """Polls `dog vdi cache info NAME --json` on the gateway during a run: the counters
-    before and after, and the peak of dirty bytes."""
+    before and after, and the peaks of dirty and of unpushed bytes."""
 
     FIELDS = ("hits", "misses", "evictions", "backpressure_waits", "pushes", "pushed_bytes", "flushes", "push_failures")
 
@@ -140,7 +140,8 @@ class CacheWatch:
         if self.first is None:
             self.first = c
         self.last = c
-        self.samples.append((time.time(), c.get("dirty_bytes", 0)))
+        unpushed = c.get("unpushed_bytes", c.get("dirty_bytes", 0))
+        self.samples.append((time.time(), c.get("dirty_bytes", 0), unpushed))
         self.peak_dirty = max(self.peak_dirty, c.get("dirty_bytes", 0))
         self.dirty_limit = c.get("dirty_limit", 0)
 
@@ -163,7 +164,8 @@ class CacheWatch:
         end of the ramp)."""
         out = {"dirty_limit": self.dirty_limit, "peak_dirty": self.peak_dirty}
         if t0 is not None:
-            out["peak_dirty_measured"] = max((d for t, d in self.samples if t >= t0), default=0)
+            out["peak_dirty_measured"] = max((d for t, d, _ in self.samples if t >= t0), default=0)
+            out["peak_unpushed_measured"] = max((u for t, _, u in self.samples if t >= t0), default=0)
         if self.first and self.last:
             for k in self.FIELDS:
                 out[k] = self.last.get(k, 0) - self.first.get(k, 0)

@@ -29,8 +29,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         Err(e) => return Err(e.into()),
     }
     let header = Header::decode(&hb)?;
-    let mut payload = vec![0u8; header.payload_len as usize];
-    r.read_exact(&mut payload).await?;
+    // Read into spare capacity: a payload of up to an object is not zeroed first.
+    let len = header.payload_len as usize;
+    let mut payload = Vec::with_capacity(len);
+    let got = (&mut *r).take(len as u64).read_to_end(&mut payload).await?;
+    if got != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("frame payload cut short: {got} of {len} bytes"),
+        )
+        .into());
+    }
     header.check_payload(&payload)?;
     Ok((header, payload))
 }

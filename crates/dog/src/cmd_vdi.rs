@@ -448,10 +448,11 @@ async fn cache_holder(sheep: &Sheep, name: &str) -> Result<Sheep> {
 fn print_cache(c: &CacheInfo) {
     println!("VDI '{}' (vid {:#x})", c.name, c.vid);
     println!(
-        "  objects {}, clean {}, dirty {} (limit {}, cache {})",
+        "  objects {}, clean {}, dirty {} of which {} not pushed yet (limit {}), cache {}",
         c.objects,
         human(c.clean_bytes),
         human(c.dirty_bytes),
+        human(c.unpushed_bytes),
         human(c.dirty_limit),
         human(c.size_limit)
     );

@@ -260,7 +260,12 @@ pub struct CacheInfo {
     pub vid: Vid,
     pub objects: u64,
     pub clean_bytes: u64,
+    /// Dirty data, pushed or not: not yet durable on the replicas.
     pub dirty_bytes: u64,
+    /// The part of `dirty_bytes` not yet pushed (what `dirty_limit` bounds); the rest
+    /// waits only for a sync.
+    #[serde(default)]
+    pub unpushed_bytes: u64,
     pub size_limit: u64,
     pub dirty_limit: u64,
     pub hits: u64,

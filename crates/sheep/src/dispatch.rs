@@ -36,7 +36,7 @@ pub async fn dispatch(
     node: &Node,
     op: Opcode,
     h: &Header,
-    payload: Vec<u8>,
+    payload: bytes::Bytes,
 ) -> Result<Outcome, PeerError> {
     if op.needs_epoch_match() {
         check_epoch(node, h).await?;
@@ -81,7 +81,7 @@ pub async fn dispatch(
             Ok(Outcome::json(&node.recovery.info()))
         }
         Opcode::VdiRead => vdi::read(node, h).await,
-        Opcode::VdiWrite => vdi::write(node, h, payload).await,
+        Opcode::VdiWrite => vdi::write(node, h, payload.to_vec()).await,
         _ => Err(invalid(format!("opcode {op:?} is not served here"))),
     }
 }
@@ -147,7 +147,7 @@ async fn object_op(
     node: &Node,
     op: Opcode,
     h: &Header,
-    payload: Vec<u8>,
+    payload: bytes::Bytes,
 ) -> Result<Outcome, PeerError> {
     let store = node.store_or_err()?;
     let oid = Oid::from_raw(h.oid).map_err(|e| invalid(e.to_string()))?;
@@ -191,6 +191,14 @@ async fn object_op(
             Ok(Outcome::data(data))
         }
         Opcode::WriteObj => {
+            // A small page-cache write is applied in place: a hand-off to a blocking
+            // thread and back costs more than the write itself.
+            if !durable {
+                if let Some(done) = store.try_write_now(oid, offset, &payload, stamp) {
+                    done.map_err(from_store)?;
+                    return Ok(Outcome::default());
+                }
+            }
             blocking(move || store.write(oid, offset, &payload, stamp, durable)).await?;
             Ok(Outcome::default())
         }

@@ -329,7 +329,7 @@ impl Node {
     ) -> Result<Reply, ClientError> {
         let payload: bytes::Bytes = payload.into();
         if to.uuid == self.uuid {
-            return self.call_local(header, payload.to_vec()).await;
+            return self.call_local(header, payload).await;
         }
         self.pool.call(&to.addr, header, payload, timeout).await
     }
@@ -339,7 +339,7 @@ impl Node {
     fn call_local(
         &self,
         header: Header,
-        payload: Vec<u8>,
+        payload: bytes::Bytes,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, ClientError>> + Send + '_>>
     {
         Box::pin(async move {

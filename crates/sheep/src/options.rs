@@ -55,7 +55,8 @@ pub struct Options {
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
 
-    /// Dirty bytes at which writes wait for pushes (default: three quarters of the cache).
+    /// Dirty bytes not yet pushed at which writes wait for pushes (default: three
+    /// quarters of the cache). Pushed data waiting for a sync is bounded by the cache size.
     #[arg(long, value_parser = proto::size::parse_size)]
     pub cache_dirty_max: Option<u64>,
 

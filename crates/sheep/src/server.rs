@@ -117,7 +117,7 @@ async fn serve_connection(node: Arc<Node>, stream: TcpStream) -> Result<(), Fram
         let node = node.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let reply = run_request(&node, header, payload).await;
+            let reply = run_request(&node, header, payload.into()).await;
             let _ = tx.send(reply).await;
             drop(permit);
             drop(bytes_permit);
@@ -130,7 +130,7 @@ async fn serve_connection(node: Arc<Node>, stream: TcpStream) -> Result<(), Fram
 
 /// Runs one request and builds its reply frame. Every reply carries our epoch (or, for
 /// stamp replies, the stamp's). Also used for requests a node sends to itself.
-pub async fn run_request(node: &Node, header: Header, payload: Vec<u8>) -> (Header, Vec<u8>) {
+pub async fn run_request(node: &Node, header: Header, payload: bytes::Bytes) -> (Header, Vec<u8>) {
     let outcome = match Opcode::try_from(header.opcode) {
         Ok(op) => dispatch(node, op, &header, payload).await,
         Err(e) => Err(PeerError::new(ErrorCode::InvalidRequest, e.to_string())),

@@ -14,6 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLockWriteGuard};
 
+/// Above this many changed objects, `sync_all` issues one `syncfs` instead of one
+/// fdatasync per object.
+pub(crate) const SYNC_FILES_MAX: usize = 32;
+
 pub(crate) struct Durability {
     /// Objects changed without a sync since the last `sync_all`: named if it fails.
     dirty: Mutex<HashSet<Oid>>,
@@ -140,8 +144,15 @@ impl Durability {
         })
     }
 
-    /// `syncfs`: every change completed before the call is durable.
-    pub fn sync_all(&self) -> Result<(), StoreError> {
+    /// Every change completed before the call is durable. A few changed objects are
+    /// synced one by one (`sync_file`, an fdatasync each, then one directory fsync if a
+    /// creation or removal is pending), so a FLUSH writes back only this store's changes
+    /// and not every dirty page of a filesystem it may share with other stores or caches;
+    /// more than [`SYNC_FILES_MAX`] take one `syncfs`.
+    pub fn sync_all(
+        &self,
+        sync_file: impl Fn(Oid) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         self.syncs.fetch_add(1, Ordering::Relaxed);
         let dirty = std::mem::take(&mut *lock(&self.dirty));
         let dir_pending = std::mem::take(&mut *lock(&self.dir_pending));
@@ -149,11 +160,27 @@ impl Durability {
             log.all_synced();
             return Ok(());
         }
-        sys::syncfs(&self.objects_dir).map_err(|source| {
+        let failed = |source: std::io::Error| {
             let mut oids: Vec<Oid> = dirty.union(&dir_pending).copied().collect();
             oids.sort();
             StoreError::SyncFailed { oids, source }
-        })
+        };
+        if dirty.len() > SYNC_FILES_MAX {
+            return sys::syncfs(&self.objects_dir).map_err(failed);
+        }
+        for oid in &dirty {
+            if let Err(e) = sync_file(*oid) {
+                let source = match e {
+                    StoreError::Io { source, .. } => source,
+                    other => std::io::Error::other(other.to_string()),
+                };
+                return Err(failed(source));
+            }
+        }
+        if !dir_pending.is_empty() {
+            self.objects_dir.sync_all().map_err(failed)?;
+        }
+        Ok(())
     }
 
     pub fn sync_count(&self) -> u64 {

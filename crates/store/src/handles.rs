@@ -38,6 +38,15 @@ impl LockStripes {
         self.stripe(oid).write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Exclusive lock on `oid`'s stripe if it is free now; `None` if someone holds it.
+    pub fn try_write(&self, oid: Oid) -> Option<RwLockWriteGuard<'_, ()>> {
+        match self.stripe(oid).try_write() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Every stripe exclusively, in a fixed order (so two callers cannot deadlock).
     pub fn write_all(&self) -> Vec<RwLockWriteGuard<'_, ()>> {
         self.stripes

@@ -60,7 +60,7 @@ mod sys;
 pub use error::StoreError;
 pub use format::BLOCK_SIZE;
 pub use identity::{ClusterStamp, StoreIdentity};
-pub use store::ObjectStore;
+pub use store::{ObjectStore, WRITE_NOW_MAX};
 
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;

@@ -4,6 +4,7 @@
 use crate::dirs::{StoreDirs, TempPath};
 use crate::durability::Durability;
 use crate::error::StoreError;
+use crate::format::BLOCK_SIZE;
 use crate::handles::{HandleCache, LockStripes};
 use crate::object_file::ObjectFile;
 use crate::quarantine::Quarantine;
@@ -17,6 +18,9 @@ use std::sync::Arc;
 
 /// Most object files kept open at once.
 const OPEN_FILES_MAX: usize = 256;
+
+/// The largest write [`ObjectStore::try_write_now`] does in place.
+pub const WRITE_NOW_MAX: u64 = 64 * 1024;
 
 /// The object store of one node: one directory, one sparse file per object.
 ///
@@ -38,7 +42,8 @@ const OPEN_FILES_MAX: usize = 256;
 ///   entry (its creation or removal) are durable; the directory fsync also makes every
 ///   other pending creation and removal durable.
 /// - **`sync_all`**: every change to any object that completed before the call
-///   (creations and removals included) is durable (`syncfs` of the store's filesystem).
+///   (creations and removals included) is durable (an fdatasync of each changed object
+///   and a directory fsync, or one `syncfs` of the store's filesystem when many changed).
 /// - **`mark_stale`** is always durable.
 /// - A change that is not durable may, after a power loss, be lost or torn: a torn block
 ///   (data and crc not both on disk) then fails its checksum, and the stamp may be older.
@@ -136,6 +141,36 @@ impl ObjectStore {
         file.write(offset, data, undo)?;
         file.raise_stamp(stamp, undo)?;
         self.durability.commit_change(guard, oid, &file, durable)
+    }
+
+    /// [`ObjectStore::write`], not durable, if it can be done without waiting: whole
+    /// 4 KiB blocks (no edge block to read first), at most [`WRITE_NOW_MAX`] bytes, the
+    /// object's file already open and its lock free. Then the data only lands in the page
+    /// cache, so an async caller can apply it in place instead of paying a hand-off to a
+    /// blocking thread. `None` when it would have to wait; nothing was done then, and the
+    /// caller runs `write` on a blocking thread.
+    pub fn try_write_now(
+        &self,
+        oid: Oid,
+        offset: u64,
+        data: &[u8],
+        stamp: Stamp,
+    ) -> Option<Result<(), StoreError>> {
+        let len = data.len() as u64;
+        if len > WRITE_NOW_MAX || offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+            return None;
+        }
+        if let Err(e) = self.check_range(oid, offset, len) {
+            return Some(Err(e));
+        }
+        let guard = self.locks.try_write(oid)?;
+        let file = self.handles.get(oid)?;
+        let undo = self.durability.undo_log();
+        Some((|| {
+            file.write(offset, data, undo)?;
+            file.raise_stamp(stamp, undo)?;
+            self.durability.commit_change(guard, oid, &file, false)
+        })())
     }
 
     /// Creates `oid` with `data` at `offset` (zeros elsewhere) and the given stamp,
@@ -274,7 +309,20 @@ impl ObjectStore {
     /// failure, [`StoreError::SyncFailed`] names the objects changed since the previous
     /// `sync_all`: their data may be lost.
     pub fn sync_all(&self) -> Result<(), StoreError> {
-        self.durability.sync_all()
+        self.durability.sync_all(|oid| self.sync_object(oid))
+    }
+
+    /// fdatasync of `oid`'s current file. A removed object needs none (its removal is
+    /// made durable by the directory fsync that follows).
+    fn sync_object(&self, oid: Oid) -> Result<(), StoreError> {
+        if let Some(file) = self.handles.get(oid) {
+            return file.sync_data();
+        }
+        match File::open(self.dirs.object_path(oid)) {
+            Ok(file) => file.sync_data().map_err(StoreError::on("fdatasync", oid)),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(StoreError::io("open", Some(oid), err)),
+        }
     }
 
     /// Number of syncs performed: one per `sync_all` and one per durable change.

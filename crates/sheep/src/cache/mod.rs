@@ -25,7 +25,8 @@ pub struct CacheConfig {
     pub root: PathBuf,
     /// Bytes of cached data kept (clean objects beyond it are evicted, LRU).
     pub size: u64,
-    /// Dirty bytes at which writes wait for pushes (backpressure).
+    /// Unpushed dirty bytes at which writes wait for pushes (backpressure). All dirty
+    /// data, pushed or not, is bounded by `size`.
     pub dirty_max: u64,
     /// Objects pushed at once per VDI.
     pub push_concurrency: usize,

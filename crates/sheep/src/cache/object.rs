@@ -16,7 +16,8 @@ pub struct Blocks {
     /// a block no newer write hit meanwhile.
     pub seq: Vec<u64>,
     /// Epoch in which the block's current content was pushed (0: not pushed). A pushed
-    /// block is clean only after a sync in that same epoch.
+    /// block is clean only after a sync in that same epoch. Non-zero only for dirty
+    /// blocks (cleaning and every new content reset it).
     pub pushed_epoch: Vec<u32>,
 }
 
@@ -29,6 +30,15 @@ pub struct PushRun {
     pub zero: bool,
     pub seqs: Vec<u64>,
     pub data: Vec<u8>,
+}
+
+/// How a write or zeroing moved an object's block counts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Marked {
+    /// Blocks that were clean and are dirty now.
+    pub newly_dirty: u64,
+    /// Dirty blocks whose pushed content was replaced (they must be pushed again).
+    pub unpushed: u64,
 }
 
 pub struct CachedObject {
@@ -69,45 +79,48 @@ impl CachedObject {
     }
 
     /// Writes data at `offset` (block aligned) and marks the blocks valid and, unless
-    /// `clean`, dirty. Returns the number of blocks that became dirty. Data and state
-    /// change under one lock, so a concurrent fill never overwrites the new data.
+    /// `clean`, dirty. Returns how the block counts moved. Data and state change under
+    /// one lock, so a concurrent fill never overwrites the new data.
     pub fn write(
         &self,
         b: &mut Blocks,
         offset: u64,
         data: &[u8],
         clean: bool,
-    ) -> io::Result<usize> {
+    ) -> io::Result<Marked> {
         self.file.write_all_at(data, offset)?;
         let (start, end) = block_span(offset, data.len() as u64);
         Ok(self.mark(b, start, end, false, clean))
     }
 
-    /// Marks a block range as zeros (punched in the file), dirty. Returns newly dirty blocks.
-    pub fn zero(&self, b: &mut Blocks, offset: u64, len: u64) -> io::Result<usize> {
+    /// Marks a block range as zeros (punched in the file), dirty.
+    pub fn zero(&self, b: &mut Blocks, offset: u64, len: u64) -> io::Result<Marked> {
         punch(&self.file, offset, len)?;
         let (start, end) = block_span(offset, len);
         Ok(self.mark(b, start, end, true, false))
     }
 
-    fn mark(&self, b: &mut Blocks, start: usize, end: usize, zero: bool, clean: bool) -> usize {
-        let mut newly_dirty = 0;
+    fn mark(&self, b: &mut Blocks, start: usize, end: usize, zero: bool, clean: bool) -> Marked {
+        let mut m = Marked::default();
         for i in start..end {
             b.st.valid.set(i, true);
             b.st.zero.set(i, zero && !clean);
             if !clean {
                 if !b.st.dirty.get(i) {
-                    newly_dirty += 1;
+                    m.newly_dirty += 1;
                 }
                 b.st.dirty.set(i, true);
             }
             if !clean || b.st.dirty.get(i) {
                 // New content: a push of the old content in flight must not mark it clean.
                 b.seq[i] = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                if b.pushed_epoch[i] != 0 {
+                    m.unpushed += 1;
+                }
                 b.pushed_epoch[i] = 0;
             }
         }
-        newly_dirty
+        m
     }
 
     /// Fills blocks that are neither valid nor dirty from a copy of the whole object.

@@ -23,6 +23,10 @@ use tokio::sync::Notify;
 
 /// How long pushed data may wait for a sync when the client does not flush.
 const BACKGROUND_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// How long the pusher lets writes gather before it pushes, when not pressed.
+const PUSH_GATHER: Duration = Duration::from_millis(2);
+/// A flush covering at most this many objects pushes them as durable writes.
+const DURABLE_PUSH_OBJECTS_MAX: usize = 4;
 /// Pause between attempts while a flush or push waits for enough replicas.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
 
@@ -56,6 +60,9 @@ pub struct VdiCache {
     meta: Mutex<MetaFile>,
     objects: Mutex<HashMap<u32, Arc<CachedObject>>>,
     dirty_blocks: AtomicU64,
+    /// Dirty blocks whose current content was pushed (in some epoch) but not yet synced:
+    /// they wait only for a sync (or, after an epoch change, a push again).
+    pushed_blocks: AtomicU64,
     valid_blocks: AtomicU64,
     tick: AtomicU64,
     stats: Stats,
@@ -67,6 +74,8 @@ pub struct VdiCache {
     /// Set after the client's first FLUSH: until then writes are written through.
     seen_flush: AtomicBool,
     pusher_running: AtomicBool,
+    /// A background sync started by the pusher is running.
+    syncing: AtomicBool,
 }
 
 impl VdiCache {
@@ -141,6 +150,7 @@ impl VdiCache {
             meta: Mutex::new(meta),
             objects: Mutex::new(objects),
             dirty_blocks: AtomicU64::new(dirty),
+            pushed_blocks: AtomicU64::new(0),
             valid_blocks: AtomicU64::new(valid),
             tick: AtomicU64::new(1),
             stats: Stats::default(),
@@ -149,6 +159,7 @@ impl VdiCache {
             flush_order: tokio::sync::Mutex::new(()),
             seen_flush: AtomicBool::new(false),
             pusher_running: AtomicBool::new(false),
+            syncing: AtomicBool::new(false),
         })
     }
 
@@ -172,6 +183,20 @@ impl VdiCache {
 
     pub fn dirty_bytes(&self) -> u64 {
         self.dirty_blocks.load(Ordering::Acquire) * CACHE_BLOCK
+    }
+
+    /// Dirty bytes not yet pushed: what a flush would still have to send.
+    pub fn unpushed_bytes(&self) -> u64 {
+        let dirty = self.dirty_blocks.load(Ordering::Acquire);
+        let pushed = self.pushed_blocks.load(Ordering::Acquire);
+        dirty.saturating_sub(pushed) * CACHE_BLOCK
+    }
+
+    /// The bound on all dirty data, pushed or not: the cache size (dirty data is never
+    /// evicted). Pushed data only waits for a sync to turn clean, and the pusher starts
+    /// one at half this bound, so it binds only when syncs fall behind.
+    fn dirty_cap(&self) -> u64 {
+        self.cfg.size.max(self.cfg.dirty_max)
     }
 
     pub fn has_dirty(&self) -> bool {
@@ -234,11 +259,14 @@ impl VdiCache {
         until_flush && !self.seen_flush.load(Ordering::Acquire)
     }
 
-    /// Waits while dirty data is at its limit (backpressure), at most the flush timeout.
+    /// Waits while unpushed data is at its limit, or all dirty data at its cap
+    /// (backpressure), at most the flush timeout.
     async fn make_room(&self, bytes: u64) -> Result<(), PeerError> {
         let deadline = Instant::now() + self.cfg.flush_timeout;
         let mut waited = false;
-        while self.dirty_bytes() + bytes > self.cfg.dirty_max {
+        while self.unpushed_bytes() + bytes > self.cfg.dirty_max
+            || self.dirty_bytes() + bytes > self.dirty_cap()
+        {
             if !waited {
                 self.stats
                     .backpressure_waits
@@ -284,14 +312,14 @@ impl VdiCache {
             pos += n as usize;
             let mut b = o.lock();
             let before = b.st.valid.count();
-            let newly = o
+            let marked = o
                 .write(&mut b, in_obj, piece, through)
                 .map_err(|e| io_error("write", e))?;
             self.valid_blocks
                 .fetch_add((b.st.valid.count() - before) as u64, Ordering::Relaxed);
             self.persist(&o, &b.st)?;
             drop(b);
-            self.dirty_blocks.fetch_add(newly as u64, Ordering::AcqRel);
+            self.count_marked(marked);
             o.touch(self.next_tick());
         }
         if !through {
@@ -301,6 +329,11 @@ impl VdiCache {
         Ok(())
     }
 
+    fn count_marked(&self, m: super::object::Marked) {
+        self.dirty_blocks.fetch_add(m.newly_dirty, Ordering::AcqRel);
+        self.pushed_blocks.fetch_sub(m.unpushed, Ordering::AcqRel);
+    }
+
     /// Makes a range read as zeros: a "dirty, zero" state pushed as a punch.
     pub async fn zero(&self, offset: u64, len: u64) -> Result<(), PeerError> {
         self.make_room(len).await?;
@@ -308,14 +341,14 @@ impl VdiCache {
             let o = self.object_or_create(index)?;
             let mut b = o.lock();
             let before = b.st.valid.count();
-            let newly = o
+            let marked = o
                 .zero(&mut b, in_obj, n)
                 .map_err(|e| io_error("punch", e))?;
             self.valid_blocks
                 .fetch_add((b.st.valid.count() - before) as u64, Ordering::Relaxed);
             self.persist(&o, &b.st)?;
             drop(b);
-            self.dirty_blocks.fetch_add(newly as u64, Ordering::AcqRel);
+            self.count_marked(marked);
         }
         self.push_wake.notify_one();
         Ok(())
@@ -426,12 +459,14 @@ impl VdiCache {
         }
     }
 
-    /// Pushes one object's dirty blocks not yet pushed in the current epoch.
+    /// Pushes one object's dirty blocks not yet pushed in the current epoch; `durable`:
+    /// as durable writes (each replica syncs them before it replies).
     async fn push_object(
         &self,
         node: &Node,
         vdi: &VdiState,
         o: &CachedObject,
+        durable: bool,
     ) -> Result<(), PeerError> {
         let _one = o.io.lock().await;
         let epoch = node.view().epoch();
@@ -450,9 +485,9 @@ impl VdiCache {
                 let off = base + r.start as u64 * CACHE_BLOCK;
                 let len = (r.end - r.start) as u64 * CACHE_BLOCK;
                 if r.zero {
-                    gateway::zero_range(node, vdi, off, len, false, false).await?;
+                    gateway::zero_range(node, vdi, off, len, false, durable).await?;
                 } else {
-                    gateway::write(node, vdi, off, &r.data, false).await?;
+                    gateway::write(node, vdi, off, &r.data, durable).await?;
                 }
                 self.stats.pushed_bytes.fetch_add(len, Ordering::Relaxed);
             }
@@ -466,13 +501,21 @@ impl VdiCache {
         }
         self.stats.pushes.fetch_add(1, Ordering::Relaxed);
         let mut b = o.lock();
+        let mut newly_pushed = 0;
         for r in &runs {
             for (i, seq) in (r.start..r.end).zip(&r.seqs) {
                 if b.seq[i] == *seq {
+                    if b.pushed_epoch[i] == 0 {
+                        newly_pushed += 1;
+                    }
                     b.pushed_epoch[i] = epoch;
                 }
             }
         }
+        drop(b);
+        self.pushed_blocks.fetch_add(newly_pushed, Ordering::AcqRel);
+        // Pushed data no longer counts against the unpushed limit.
+        self.room.notify_waiters();
         Ok(())
     }
 
@@ -488,12 +531,14 @@ impl VdiCache {
         v
     }
 
-    /// Pushes every dirty object, `push_concurrency` at a time.
+    /// Pushes every dirty object, `push_concurrency` at a time (`durable`: see
+    /// [`VdiCache::push_object`]).
     async fn push_all(
         &self,
         node: &Node,
         vdi: &VdiState,
         objs: &[Arc<CachedObject>],
+        durable: bool,
     ) -> Result<(), PeerError> {
         // A sliding window of pushes (not batches): one slow object does not hold up
         // the others.
@@ -502,7 +547,7 @@ impl VdiCache {
             let window = &window;
             async move {
                 let _slot = window.acquire().await;
-                self.push_object(node, vdi, o).await
+                self.push_object(node, vdi, o, durable).await
             }
         });
         let mut first_err = None;
@@ -541,9 +586,13 @@ impl VdiCache {
                 (o, blocks)
             })
             .collect();
+        // A flush covering a few objects pushes them as durable writes: then, unless
+        // earlier pushes left nodes unsynced, no sync round follows (one round trip to
+        // the replicas instead of two). Many objects are cheaper with one sync per node.
+        let durable = covered.len() <= DURABLE_PUSH_OBJECTS_MAX;
         loop {
             let objs: Vec<_> = covered.iter().map(|(o, _)| o.clone()).collect();
-            let pushed = self.push_all(node, vdi, &objs).await;
+            let pushed = self.push_all(node, vdi, &objs, durable).await;
             let epoch = node.view().epoch();
             let synced = match pushed {
                 Ok(()) => gateway::flush(node, vdi).await,
@@ -583,12 +632,17 @@ impl VdiCache {
     }
 
     fn unpush(&self, covered: &[Covered]) {
+        let mut unpushed = 0;
         for (o, blocks) in covered {
             let mut b = o.lock();
             for (i, _) in blocks {
+                if b.pushed_epoch[*i] != 0 {
+                    unpushed += 1;
+                }
                 b.pushed_epoch[*i] = 0;
             }
         }
+        self.pushed_blocks.fetch_sub(unpushed, Ordering::AcqRel);
     }
 
     /// Marks covered blocks clean where no newer write hit them and they were pushed in
@@ -607,6 +661,8 @@ impl VdiCache {
             }
             self.persist(o, &b.st)?;
         }
+        // Every cleaned block was pushed (in `epoch`): it leaves both counts.
+        self.pushed_blocks.fetch_sub(cleaned, Ordering::AcqRel);
         self.dirty_blocks.fetch_sub(cleaned, Ordering::AcqRel);
         self.room.notify_waiters();
         // Objects that just turned clean may now be evicted.
@@ -632,6 +688,12 @@ impl VdiCache {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     _ = shutdown.changed() => break,
                 }
+                if cache.unpushed_bytes() * 4 < cache.cfg.dirty_max {
+                    // Not pressed: gather writes for a moment. Neighbouring writes
+                    // coalesce into one push, and a FLUSH right behind a write (fsync
+                    // after each write) pushes it durably itself, with no sync round.
+                    tokio::time::sleep(PUSH_GATHER).await;
+                }
                 if !cache.has_dirty() {
                     // Idle: clean objects beyond the size go now (eviction skips objects
                     // in use, so the ones a flush just cleaned may still be here).
@@ -639,7 +701,7 @@ impl VdiCache {
                     continue;
                 }
                 let objs = cache.dirty_objects();
-                let pushed = cache.push_all(&node, &vdi, &objs).await;
+                let pushed = cache.push_all(&node, &vdi, &objs, false).await;
                 drop(objs);
                 match pushed {
                     Ok(()) => backoff = Duration::from_millis(50),
@@ -650,16 +712,25 @@ impl VdiCache {
                         continue;
                     }
                 }
-                // Everything is pushed: a sync turns it clean, so dirty space is returned.
-                // Under pressure (writers may be waiting) sync at once; otherwise let pushed
-                // data wait for the client's FLUSH, or sync it after a few idle seconds.
-                let pressed = cache.dirty_bytes() * 2 > cache.cfg.dirty_max;
+                // Pushed data turns clean with a sync. Let it wait for the client's FLUSH,
+                // unless dirty data passes half its cap (so writers do not hit the cap) or
+                // it has waited a few seconds; the sync runs beside the pusher, which
+                // keeps pushing meanwhile.
+                let pressed = cache.dirty_bytes() * 2 > cache.dirty_cap();
                 let stale = last_sync.elapsed() > BACKGROUND_SYNC_INTERVAL;
-                if cache.has_dirty() && (pressed || stale) {
+                if cache.has_dirty()
+                    && (pressed || stale)
+                    && !cache.syncing.swap(true, Ordering::AcqRel)
+                {
                     last_sync = Instant::now();
-                    if let Err(e) = cache.sync_dirty(&node, &vdi).await {
-                        tracing::warn!(vid = cache.vid, error = %e, "background sync failed; will retry");
-                    }
+                    let (c, n, v) = (cache.clone(), node.clone(), vdi.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = c.sync_dirty(&n, &v).await {
+                            tracing::warn!(vid = c.vid, error = %e, "background sync failed; will retry");
+                        }
+                        c.syncing.store(false, Ordering::Release);
+                        c.push_wake.notify_one();
+                    });
                 }
             }
             cache.pusher_running.store(false, Ordering::Release);
@@ -697,6 +768,7 @@ impl VdiCache {
             objects: self.objects.lock().unwrap_or_else(|p| p.into_inner()).len() as u64,
             clean_bytes: valid.saturating_sub(dirty),
             dirty_bytes: dirty,
+            unpushed_bytes: self.unpushed_bytes().min(dirty),
             size_limit: self.cfg.size,
             dirty_limit: self.cfg.dirty_max,
             hits,
