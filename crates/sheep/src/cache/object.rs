@@ -19,6 +19,31 @@ pub struct Blocks {
     /// block is clean only after a sync in that same epoch. Non-zero only for dirty
     /// blocks (cleaning and every new content reset it).
     pub pushed_epoch: Vec<u32>,
+    /// Dirty blocks with `pushed_epoch == 0`: what the pusher has to send (blocks pushed
+    /// in an older epoch are found by a full scan after an epoch change).
+    pub unpushed: usize,
+}
+
+impl Blocks {
+    /// Records that dirty block `i` was pushed in `epoch`; true if it was unpushed.
+    pub fn set_pushed(&mut self, i: usize, epoch: u32) -> bool {
+        let was = self.pushed_epoch[i] == 0;
+        if was {
+            self.unpushed -= 1;
+        }
+        self.pushed_epoch[i] = epoch;
+        was
+    }
+
+    /// Forgets that dirty block `i` was pushed; true if it had been.
+    pub fn set_unpushed(&mut self, i: usize) -> bool {
+        let was = self.pushed_epoch[i] != 0;
+        if was {
+            self.unpushed += 1;
+        }
+        self.pushed_epoch[i] = 0;
+        was
+    }
 }
 
 /// A run of dirty blocks to push: block range, whether it is zeros, and each block's
@@ -56,6 +81,7 @@ impl CachedObject {
         let n = st.valid.len();
         // Dirty blocks found at start (after a crash) get a sequence number so they are pushed.
         let seq = (0..n).map(|b| u64::from(st.dirty.get(b))).collect();
+        let unpushed = st.dirty.count();
         CachedObject {
             index,
             file,
@@ -63,6 +89,7 @@ impl CachedObject {
                 st,
                 seq,
                 pushed_epoch: vec![0; n],
+                unpushed,
             }),
             io: tokio::sync::Mutex::new(()),
             last_used: AtomicU64::new(tick),
@@ -108,16 +135,17 @@ impl CachedObject {
             if !clean {
                 if !b.st.dirty.get(i) {
                     m.newly_dirty += 1;
+                    // Dirty now and not pushed (pushed_epoch is 0 for clean blocks).
+                    b.unpushed += 1;
                 }
                 b.st.dirty.set(i, true);
             }
             if !clean || b.st.dirty.get(i) {
                 // New content: a push of the old content in flight must not mark it clean.
                 b.seq[i] = self.next_seq.fetch_add(1, Ordering::Relaxed);
-                if b.pushed_epoch[i] != 0 {
+                if b.set_unpushed(i) {
                     m.unpushed += 1;
                 }
-                b.pushed_epoch[i] = 0;
             }
         }
         m

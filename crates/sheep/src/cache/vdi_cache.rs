@@ -504,11 +504,8 @@ impl VdiCache {
         let mut newly_pushed = 0;
         for r in &runs {
             for (i, seq) in (r.start..r.end).zip(&r.seqs) {
-                if b.seq[i] == *seq {
-                    if b.pushed_epoch[i] == 0 {
-                        newly_pushed += 1;
-                    }
-                    b.pushed_epoch[i] = epoch;
+                if b.seq[i] == *seq && b.set_pushed(i, epoch) {
+                    newly_pushed += 1;
                 }
             }
         }
@@ -521,10 +518,22 @@ impl VdiCache {
 
     /// Objects with dirty blocks, oldest use first.
     fn dirty_objects(&self) -> Vec<Arc<CachedObject>> {
+        self.objects_where(|b| b.st.dirty.any())
+    }
+
+    /// Objects with dirty blocks not pushed yet (in any epoch), oldest use first.
+    fn unpushed_objects(&self) -> Vec<Arc<CachedObject>> {
+        self.objects_where(|b| b.unpushed > 0)
+    }
+
+    fn objects_where(
+        &self,
+        pick: impl Fn(&super::object::Blocks) -> bool,
+    ) -> Vec<Arc<CachedObject>> {
         let objects = self.objects.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<_> = objects
             .values()
-            .filter(|o| o.lock().st.dirty.any())
+            .filter(|o| pick(&o.lock()))
             .cloned()
             .collect();
         v.sort_by_key(|o| o.last_used.load(Ordering::Relaxed));
@@ -636,10 +645,9 @@ impl VdiCache {
         for (o, blocks) in covered {
             let mut b = o.lock();
             for (i, _) in blocks {
-                if b.pushed_epoch[*i] != 0 {
+                if b.st.dirty.get(*i) && b.set_unpushed(*i) {
                     unpushed += 1;
                 }
-                b.pushed_epoch[*i] = 0;
             }
         }
         self.pushed_blocks.fetch_sub(unpushed, Ordering::AcqRel);
@@ -682,6 +690,7 @@ impl VdiCache {
             let mut shutdown = node.shutdown_signal();
             let mut backoff = Duration::from_millis(50);
             let mut last_sync = Instant::now();
+            let mut scanned_epoch = 0;
             loop {
                 tokio::select! {
                     _ = cache.push_wake.notified() => {}
@@ -700,11 +709,22 @@ impl VdiCache {
                     cache.evict();
                     continue;
                 }
-                let objs = cache.dirty_objects();
+                // Blocks pushed in an older epoch must go again: after an epoch change
+                // every dirty object is looked at once, otherwise only those holding
+                // unpushed blocks (pushed data waiting for a sync costs no scan).
+                let epoch = node.view().epoch();
+                let objs = if epoch != scanned_epoch {
+                    cache.dirty_objects()
+                } else {
+                    cache.unpushed_objects()
+                };
                 let pushed = cache.push_all(&node, &vdi, &objs, false).await;
                 drop(objs);
                 match pushed {
-                    Ok(()) => backoff = Duration::from_millis(50),
+                    Ok(()) => {
+                        backoff = Duration::from_millis(50);
+                        scanned_epoch = epoch;
+                    }
                     Err(e) => {
                         tracing::warn!(vid = cache.vid, error = %e, "push failed; will retry");
                         tokio::time::sleep(backoff).await;
