@@ -9,7 +9,8 @@
 
 use crate::node::Node;
 use crate::replicate::{
-    read_object_replicas, read_object_replicas_flagged, replicate, replicate_len, Policy, WriteKind,
+    read_object_replicas, read_object_replicas_flagged, replicate, replicate_bytes, replicate_len,
+    Policy, WriteKind,
 };
 use futures::future::join_all;
 use proto::inode::{decode_table, split_range, table_entry_offset, VdiHeader};
@@ -343,7 +344,7 @@ pub async fn write(
     node: &Node,
     vdi: &VdiState,
     offset: u64,
-    data: &[u8],
+    data: &bytes::Bytes,
     durable: bool,
 ) -> Result<(), PeerError> {
     let h = vdi.header();
@@ -351,13 +352,13 @@ pub async fn write(
     let mut jobs = Vec::with_capacity(pieces.len());
     let mut pos = 0usize;
     for (index, in_obj, n) in pieces {
-        jobs.push((index, in_obj, &data[pos..pos + n as usize]));
+        jobs.push((index, in_obj, data.slice(pos..pos + n as usize)));
         pos += n as usize;
     }
     for chunk in jobs.chunks(PIECES_IN_FLIGHT_MAX) {
-        let writes = chunk
-            .iter()
-            .map(|&(index, in_obj, d)| write_object(node, vdi, &h, index, in_obj, d, durable));
+        let writes = chunk.iter().map(|(index, in_obj, d)| {
+            write_object(node, vdi, &h, *index, *in_obj, d.clone(), durable)
+        });
         for r in join_all(writes).await {
             r?;
         }
@@ -371,7 +372,7 @@ async fn write_object(
     h: &VdiHeader,
     index: u32,
     offset: u64,
-    data: &[u8],
+    data: bytes::Bytes,
     durable: bool,
 ) -> Result<(), PeerError> {
     let _ordered = vdi.stripes[index as usize % WRITE_STRIPES].lock().await;
@@ -379,7 +380,7 @@ async fn write_object(
     let policy = vdi.policy(durable);
     let owner = vdi.entry(index);
     if owner == h.vid {
-        let nodes = replicate(node, WriteKind::Write, oid, offset, data, policy).await?;
+        let nodes = replicate_bytes(node, WriteKind::Write, oid, offset, data, policy).await?;
         vdi.note_unsynced(durable, nodes);
         if durable && vdi.entry_unsynced(index) {
             // The object was created by a write not yet flushed: a durable write must
@@ -394,7 +395,7 @@ async fn write_object(
             format!("object {index} of vid {} belongs to vid {owner}: copy-on-write is not supported yet", h.vid),
         ));
     }
-    let nodes = replicate(node, WriteKind::Create, oid, offset, data, policy).await?;
+    let nodes = replicate_bytes(node, WriteKind::Create, oid, offset, data, policy).await?;
     vdi.note_unsynced(durable, nodes);
     set_table_entry(node, vdi, h, index, h.vid, durable).await
 }
@@ -438,8 +439,8 @@ pub async fn zero_range(
     let h = vdi.header();
     for (index, in_obj, n) in split_range(offset, len, h.object_size) {
         if no_hole {
-            let zeros = vec![0u8; n as usize];
-            write_object(node, vdi, &h, index, in_obj, &zeros, durable).await?;
+            let zeros = bytes::Bytes::from(vec![0u8; n as usize]);
+            write_object(node, vdi, &h, index, in_obj, zeros, durable).await?;
             continue;
         }
         let _ordered = vdi.stripes[index as usize % WRITE_STRIPES].lock().await;
@@ -460,7 +461,7 @@ pub async fn zero_range(
             WriteKind::Punch,
             oid,
             in_obj,
-            &[],
+            bytes::Bytes::new(),
             n,
             vdi.policy(durable || whole),
         )

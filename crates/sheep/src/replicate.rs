@@ -68,7 +68,29 @@ pub async fn replicate(
     data: &[u8],
     policy: Policy,
 ) -> Result<Vec<Uuid>, PeerError> {
-    replicate_len(node, kind, oid, offset, data, data.len() as u64, policy).await
+    replicate_bytes(
+        node,
+        kind,
+        oid,
+        offset,
+        bytes::Bytes::copy_from_slice(data),
+        policy,
+    )
+    .await
+}
+
+/// [`replicate`] of data already in a shared buffer: the requests to every replica
+/// share it, with no copy.
+pub async fn replicate_bytes(
+    node: &Node,
+    kind: WriteKind,
+    oid: Oid,
+    offset: u64,
+    data: bytes::Bytes,
+    policy: Policy,
+) -> Result<Vec<Uuid>, PeerError> {
+    let len = data.len() as u64;
+    replicate_len(node, kind, oid, offset, data, len, policy).await
 }
 
 /// How a write is replicated.
@@ -100,7 +122,7 @@ pub async fn replicate_len(
     kind: WriteKind,
     oid: Oid,
     offset: u64,
-    data: &[u8],
+    payload: bytes::Bytes,
     len: u64,
     policy: Policy,
 ) -> Result<Vec<Uuid>, PeerError> {
@@ -130,12 +152,6 @@ pub async fn replicate_len(
         if durable {
             h.flags |= FLAG_DURABLE;
         }
-        // One copy of the data, shared by the requests to every replica.
-        let payload = if kind == WriteKind::Punch || kind == WriteKind::Remove {
-            bytes::Bytes::new()
-        } else {
-            bytes::Bytes::copy_from_slice(data)
-        };
         let calls = targets
             .iter()
             .map(|t| send_write(node, t, kind, h, payload.clone()));

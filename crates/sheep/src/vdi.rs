@@ -459,6 +459,7 @@ pub async fn write(node: &Node, h: &Header, data: Vec<u8>) -> Result<Outcome, Pe
     let hdr = v.header();
     check_not_locked_elsewhere(node, hdr.vid, &hdr.name, "write").await?;
     let durable = h.has_flag(proto::frame::FLAG_DURABLE);
+    let data = bytes::Bytes::from(data);
     node.exports
         .with_writer(node, hdr.vid, &hdr.name, |holder_cache| async move {
             match holder_cache {

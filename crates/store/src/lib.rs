@@ -55,7 +55,7 @@ pub mod identity;
 mod object_file;
 mod quarantine;
 mod store;
-mod sys;
+pub mod sys;
 
 pub use error::StoreError;
 pub use format::BLOCK_SIZE;

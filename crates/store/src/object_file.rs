@@ -307,8 +307,7 @@ impl ObjectFile {
             self.pread(&mut pre_image, at)?;
             log.record_restore(self.oid, at, pre_image);
         }
-        self.file
-            .write_all_at(bytes, at)
+        sys::write_all_at_in_pieces(&self.file, bytes, at)
             .map_err(StoreError::on("pwrite", self.oid))
     }
 }

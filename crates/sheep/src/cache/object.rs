@@ -54,7 +54,7 @@ pub struct PushRun {
     pub end: usize,
     pub zero: bool,
     pub seqs: Vec<u64>,
-    pub data: Vec<u8>,
+    pub data: bytes::Bytes,
 }
 
 /// How a write or zeroing moved an object's block counts.
@@ -115,7 +115,7 @@ impl CachedObject {
         data: &[u8],
         clean: bool,
     ) -> io::Result<Marked> {
-        self.file.write_all_at(data, offset)?;
+        store::sys::write_all_at_in_pieces(&self.file, data, offset)?;
         let (start, end) = block_span(offset, data.len() as u64);
         Ok(self.mark(b, start, end, false, clean))
     }
@@ -160,8 +160,11 @@ impl CachedObject {
         }
         for (s, e) in runs(&missing) {
             let (from, to) = (s as u64 * CACHE_BLOCK, e as u64 * CACHE_BLOCK);
-            self.file
-                .write_all_at(&whole[from as usize..to as usize], from)?;
+            store::sys::write_all_at_in_pieces(
+                &self.file,
+                &whole[from as usize..to as usize],
+                from,
+            )?;
             b.st.valid.set_range(s, e, true);
         }
         Ok(())
@@ -195,9 +198,10 @@ impl CachedObject {
                     j += 1;
                 }
                 let data = if zero {
-                    Vec::new()
+                    bytes::Bytes::new()
                 } else {
                     self.read(i as u64 * CACHE_BLOCK, (j - i) as u64 * CACHE_BLOCK)?
+                        .into()
                 };
                 out.push(PushRun {
                     start: i,

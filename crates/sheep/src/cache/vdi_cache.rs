@@ -301,7 +301,14 @@ impl VdiCache {
         through: bool,
     ) -> Result<(), PeerError> {
         if through {
-            gateway::write(node, vdi, offset, data, true).await?;
+            gateway::write(
+                node,
+                vdi,
+                offset,
+                &bytes::Bytes::copy_from_slice(data),
+                true,
+            )
+            .await?;
         } else {
             self.make_room(data.len() as u64).await?;
         }
@@ -317,9 +324,10 @@ impl VdiCache {
                 .map_err(|e| io_error("write", e))?;
             self.valid_blocks
                 .fetch_add((b.st.valid.count() - before) as u64, Ordering::Relaxed);
+            // Counted under the object's lock, so a push completing meanwhile counts after.
+            self.count_marked(marked);
             self.persist(&o, &b.st)?;
             drop(b);
-            self.count_marked(marked);
             o.touch(self.next_tick());
         }
         if !through {
@@ -346,9 +354,9 @@ impl VdiCache {
                 .map_err(|e| io_error("punch", e))?;
             self.valid_blocks
                 .fetch_add((b.st.valid.count() - before) as u64, Ordering::Relaxed);
+            self.count_marked(marked);
             self.persist(&o, &b.st)?;
             drop(b);
-            self.count_marked(marked);
         }
         self.push_wake.notify_one();
         Ok(())
@@ -509,8 +517,8 @@ impl VdiCache {
                 }
             }
         }
-        drop(b);
         self.pushed_blocks.fetch_add(newly_pushed, Ordering::AcqRel);
+        drop(b);
         // Pushed data no longer counts against the unpushed limit.
         self.room.notify_waiters();
         Ok(())
