@@ -261,11 +261,22 @@ impl Node {
             Ok::<(), std::io::Error>(())
         })
         .await;
-        if !matches!(written, Ok(Ok(()))) {
-            tracing::warn!(
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(
                 epoch = m.epoch,
+                error = %e,
                 "could not record the epoch's membership locally"
-            );
+            ),
+            // The process is exiting (the blocking pool is shut down): nothing to record.
+            Err(e) if e.is_cancelled() => {
+                tracing::debug!(epoch = m.epoch, "exiting; epoch not recorded locally")
+            }
+            Err(e) => tracing::warn!(
+                epoch = m.epoch,
+                error = %e,
+                "could not record the epoch's membership locally"
+            ),
         }
     }
 
