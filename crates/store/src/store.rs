@@ -137,10 +137,7 @@ impl ObjectStore {
         self.check_range(oid, offset, data.len() as u64)?;
         let guard = self.locks.write(oid);
         let file = self.file(oid)?;
-        let undo = self.durability.undo_log();
-        file.write(offset, data, undo)?;
-        file.raise_stamp(stamp, undo)?;
-        self.durability.commit_change(guard, oid, &file, durable)
+        self.apply_write(guard, oid, &file, offset, data, stamp, durable)
     }
 
     /// [`ObjectStore::write`], not durable, if it can be done without waiting: whole
@@ -165,12 +162,26 @@ impl ObjectStore {
         }
         let guard = self.locks.try_write(oid)?;
         let file = self.handles.get(oid)?;
+        Some(self.apply_write(guard, oid, &file, offset, data, stamp, false))
+    }
+
+    /// The body of a write to `oid`'s open `file`, under its exclusive lock `guard`:
+    /// data and crcs, the stamp raised, then recorded as dirty or made durable.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_write(
+        &self,
+        guard: std::sync::RwLockWriteGuard<'_, ()>,
+        oid: Oid,
+        file: &ObjectFile,
+        offset: u64,
+        data: &[u8],
+        stamp: Stamp,
+        durable: bool,
+    ) -> Result<(), StoreError> {
         let undo = self.durability.undo_log();
-        Some((|| {
-            file.write(offset, data, undo)?;
-            file.raise_stamp(stamp, undo)?;
-            self.durability.commit_change(guard, oid, &file, false)
-        })())
+        file.write(offset, data, undo)?;
+        file.raise_stamp(stamp, undo)?;
+        self.durability.commit_change(guard, oid, file, durable)
     }
 
     /// Creates `oid` with `data` at `offset` (zeros elsewhere) and the given stamp,
