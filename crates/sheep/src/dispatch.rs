@@ -81,7 +81,7 @@ pub async fn dispatch(
             Ok(Outcome::json(&node.recovery.info()))
         }
         Opcode::VdiRead => vdi::read(node, h).await,
-        Opcode::VdiWrite => vdi::write(node, h, payload.to_vec()).await,
+        Opcode::VdiWrite => vdi::write(node, h, payload).await,
         _ => Err(invalid(format!("opcode {op:?} is not served here"))),
     }
 }

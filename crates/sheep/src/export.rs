@@ -490,7 +490,7 @@ impl VdiDevice {
         if let Some(c) = &self.cache {
             if !c.writes_through(self.until_flush) {
                 if no_hole {
-                    let zeros = vec![0u8; len as usize];
+                    let zeros = bytes::Bytes::from(vec![0u8; len as usize]);
                     c.write(&self.node, &self.vdi, offset, &zeros, false)
                         .await
                         .map_err(to_block_error)?;
@@ -502,16 +502,13 @@ impl VdiDevice {
                 }
                 return Ok(());
             }
-            // Writing through: the replicas are zeroed below; the cached copy follows.
+            // Writing through: the replicas are zeroed here; the cached copy follows,
+            // clean (written to the replicas once, not again as zeros over the holes).
             let zeros = vec![0u8; len as usize];
             gateway::zero_range(&self.node, &self.vdi, offset, len as u64, no_hole, true)
                 .await
                 .map_err(to_block_error)?;
-            return c
-                .write(&self.node, &self.vdi, offset, &zeros, true)
-                .await
-                .map_err(to_block_error)
-                .map(|_| ());
+            return c.store_local(offset, &zeros, true).map_err(to_block_error);
         }
         let durable = fua || self.writethrough;
         gateway::zero_range(&self.node, &self.vdi, offset, len as u64, no_hole, durable)

@@ -454,12 +454,11 @@ pub async fn read(node: &Node, h: &Header) -> Result<Outcome, PeerError> {
 /// through its cache (written through to the replicas, durable when asked); elsewhere a
 /// held VDI is refused. An unheld VDI is locked for the write, so the lock generation
 /// moves and any cache of an earlier session is known to be stale.
-pub async fn write(node: &Node, h: &Header, data: Vec<u8>) -> Result<Outcome, PeerError> {
+pub async fn write(node: &Node, h: &Header, data: bytes::Bytes) -> Result<Outcome, PeerError> {
     let v = io_target(node, h, data.len() as u64).await?;
     let hdr = v.header();
     check_not_locked_elsewhere(node, hdr.vid, &hdr.name, "write").await?;
     let durable = h.has_flag(proto::frame::FLAG_DURABLE);
-    let data = bytes::Bytes::from(data);
     node.exports
         .with_writer(node, hdr.vid, &hdr.name, |holder_cache| async move {
             match holder_cache {

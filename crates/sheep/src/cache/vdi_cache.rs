@@ -297,21 +297,20 @@ impl VdiCache {
         node: &Node,
         vdi: &VdiState,
         offset: u64,
-        data: &[u8],
+        data: &bytes::Bytes,
         through: bool,
     ) -> Result<(), PeerError> {
         if through {
-            gateway::write(
-                node,
-                vdi,
-                offset,
-                &bytes::Bytes::copy_from_slice(data),
-                true,
-            )
-            .await?;
+            gateway::write(node, vdi, offset, data, true).await?;
         } else {
             self.make_room(data.len() as u64).await?;
         }
+        self.store_local(offset, data, through)
+    }
+
+    /// Puts data into the cache files: dirty (to be pushed), or `clean` when the
+    /// replicas already hold it.
+    pub fn store_local(&self, offset: u64, data: &[u8], clean: bool) -> Result<(), PeerError> {
         let mut pos = 0usize;
         for (index, in_obj, n) in split_range(offset, data.len() as u64, self.object_size) {
             let o = self.object_or_create(index)?;
@@ -320,7 +319,7 @@ impl VdiCache {
             let mut b = o.lock();
             let before = b.st.valid.count();
             let marked = o
-                .write(&mut b, in_obj, piece, through)
+                .write(&mut b, in_obj, piece, clean)
                 .map_err(|e| io_error("write", e))?;
             self.valid_blocks
                 .fetch_add((b.st.valid.count() - before) as u64, Ordering::Relaxed);
@@ -330,7 +329,7 @@ impl VdiCache {
             drop(b);
             o.touch(self.next_tick());
         }
-        if !through {
+        if !clean {
             self.push_wake.notify_one();
         }
         self.evict();
