@@ -1,9 +1,9 @@
 //! One pipelined peer connection: a writer task, a reader task, and a table of pending
 //! requests. Requests in flight are bounded by a semaphore.
 
-use crate::framing::{read_frame, write_frame};
+use crate::framing::{read_frame, write_frame, write_payload_frame};
+use crate::payload::Payload;
 use crate::ClientError;
-use bytes::Bytes;
 use proto::msg::{self, Hello};
 use proto::{Header, Opcode, PeerError};
 use std::collections::HashMap;
@@ -29,7 +29,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, ClientError>
 /// A connection on which calls are pipelined.
 pub struct Connection {
     addr: String,
-    writer: mpsc::Sender<(Header, Bytes)>,
+    writer: mpsc::Sender<(Header, Payload)>,
     pending: Pending,
     next_id: AtomicU64,
     slots: Semaphore,
@@ -107,11 +107,11 @@ impl Connection {
 
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let alive = Arc::new(AtomicBool::new(true));
-        let (tx, mut rx) = mpsc::channel::<(Header, Bytes)>(WRITE_QUEUE_MAX);
+        let (tx, mut rx) = mpsc::channel::<(Header, Payload)>(WRITE_QUEUE_MAX);
         let alive_w = alive.clone();
         tokio::spawn(async move {
             while let Some((h, p)) = rx.recv().await {
-                if write_frame(&mut wr, h, &p).await.is_err() {
+                if write_payload_frame(&mut wr, h, &p).await.is_err() {
                     break;
                 }
                 // Flush only when nothing else is queued, so bursts share a syscall.
@@ -177,10 +177,10 @@ impl Connection {
     pub async fn call(
         &self,
         mut header: Header,
-        payload: impl Into<Bytes>,
+        payload: impl Into<Payload>,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
-        let payload: Bytes = payload.into();
+        let payload: Payload = payload.into();
         let _slot = self
             .slots
             .acquire()

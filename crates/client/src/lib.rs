@@ -6,10 +6,14 @@
 
 mod connection;
 mod framing;
+mod payload;
 mod pool;
 
 pub use connection::{Connection, Reply};
-pub use framing::{read_frame, write_frame, FrameReadError};
+pub use framing::{
+    read_frame, read_frame_summed, write_frame, write_payload_frame, FrameReadError,
+};
+pub use payload::Payload;
 pub use pool::Pool;
 
 use proto::{ErrorCode, FrameError, PeerError};

@@ -65,7 +65,7 @@ impl Pool {
         &self,
         addr: &str,
         header: Header,
-        payload: impl Into<bytes::Bytes>,
+        payload: impl Into<crate::Payload>,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
         let conn = self.get(addr).await?;

@@ -9,6 +9,7 @@ pub mod msg;
 pub mod oid;
 pub mod opcode;
 pub mod size;
+pub mod sums;
 
 pub use error::{ErrorCode, FrameError, PeerError};
 pub use frame::Header;

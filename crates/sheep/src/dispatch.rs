@@ -36,7 +36,7 @@ pub async fn dispatch(
     node: &Node,
     op: Opcode,
     h: &Header,
-    payload: bytes::Bytes,
+    payload: client::Payload,
 ) -> Result<Outcome, PeerError> {
     if op.needs_epoch_match() {
         check_epoch(node, h).await?;
@@ -81,7 +81,7 @@ pub async fn dispatch(
             Ok(Outcome::json(&node.recovery.info()))
         }
         Opcode::VdiRead => vdi::read(node, h).await,
-        Opcode::VdiWrite => vdi::write(node, h, payload).await,
+        Opcode::VdiWrite => vdi::write(node, h, payload.into_data()).await,
         _ => Err(invalid(format!("opcode {op:?} is not served here"))),
     }
 }
@@ -147,7 +147,7 @@ async fn object_op(
     node: &Node,
     op: Opcode,
     h: &Header,
-    payload: bytes::Bytes,
+    payload: client::Payload,
 ) -> Result<Outcome, PeerError> {
     let store = node.store_or_err()?;
     let oid = Oid::from_raw(h.oid).map_err(|e| invalid(e.to_string()))?;
@@ -194,16 +194,17 @@ async fn object_op(
             // A small page-cache write is applied in place: a hand-off to a blocking
             // thread and back costs more than the write itself.
             if !durable {
-                if let Some(done) = store.try_write_now(oid, offset, &payload, stamp) {
+                if let Some(done) = store.try_write_now(oid, offset, summed(&payload), stamp) {
                     done.map_err(from_store)?;
                     return Ok(Outcome::default());
                 }
             }
-            blocking(move || store.write(oid, offset, &payload, stamp, durable)).await?;
+            blocking(move || store.write(oid, offset, summed(&payload), stamp, durable)).await?;
             Ok(Outcome::default())
         }
         Opcode::CreateAndWrite => {
-            blocking(move || store.create_and_write(oid, offset, &payload, stamp, durable)).await?;
+            blocking(move || store.create_and_write(oid, offset, summed(&payload), stamp, durable))
+                .await?;
             Ok(Outcome::default())
         }
         Opcode::PunchObj => {
@@ -244,6 +245,15 @@ async fn object_op(
             })
         }
         _ => Err(invalid(format!("{op:?} is not an object op"))),
+    }
+}
+
+/// A payload for the store, with the block crcs its frame was checked through (or
+/// sealed with): they become the block tags without another pass over the data.
+fn summed(p: &client::Payload) -> store::Summed<'_> {
+    store::Summed {
+        data: p,
+        block_crcs: p.block_crcs(),
     }
 }
 

@@ -335,10 +335,10 @@ impl Node {
         &self,
         to: &NodeInfo,
         header: Header,
-        payload: impl Into<bytes::Bytes>,
+        payload: impl Into<client::Payload>,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
-        let payload: bytes::Bytes = payload.into();
+        let payload: client::Payload = payload.into();
         if to.uuid == self.uuid {
             return self.call_local(header, payload).await;
         }
@@ -350,7 +350,7 @@ impl Node {
     fn call_local(
         &self,
         header: Header,
-        payload: bytes::Bytes,
+        payload: client::Payload,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, ClientError>> + Send + '_>>
     {
         Box::pin(async move {

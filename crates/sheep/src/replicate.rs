@@ -132,6 +132,8 @@ pub async fn replicate_len(
         durable,
         fence,
     } = policy;
+    // Checksummed once for every replica's frame (and the local store's block tags).
+    let payload = client::Payload::summed(payload);
     let started = Instant::now();
     let mut last_err = None;
     for _ in 0..ATTEMPTS_MAX {
@@ -208,7 +210,7 @@ async fn send_write(
     to: &NodeInfo,
     kind: WriteKind,
     h: Header,
-    payload: bytes::Bytes,
+    payload: client::Payload,
 ) -> Result<(), ClientError> {
     match node.call(to, h, payload.clone(), OBJECT_CALL_TIMEOUT).await {
         Ok(_) => Ok(()),

@@ -3,7 +3,7 @@
 
 use crate::dispatch::{dispatch, Outcome};
 use crate::node::{check_peer_hello, node_hello, Node};
-use client::{read_frame, write_frame, FrameReadError};
+use client::{read_frame, read_frame_summed, write_frame, FrameReadError, Payload};
 use proto::msg::{self, Hello};
 use proto::{ErrorCode, Header, Opcode, PeerError};
 use std::sync::Arc;
@@ -97,7 +97,7 @@ async fn serve_connection(node: Arc<Node>, stream: TcpStream) -> Result<(), Fram
     let slots = Arc::new(Semaphore::new(CONN_IN_FLIGHT_MAX));
     let payload_budget = Arc::new(Semaphore::new(CONN_PAYLOAD_KIB_MAX));
     let result = loop {
-        let (header, payload) = match read_frame(&mut rd).await {
+        let (header, payload) = match read_frame_summed(&mut rd).await {
             Ok(f) => f,
             Err(FrameReadError::Closed) => break Ok(()),
             // A frame we cannot decode means we lost the stream's framing: close.
@@ -117,7 +117,7 @@ async fn serve_connection(node: Arc<Node>, stream: TcpStream) -> Result<(), Fram
         let node = node.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let reply = run_request(&node, header, payload.into()).await;
+            let reply = run_request(&node, header, payload).await;
             let _ = tx.send(reply).await;
             drop(permit);
             drop(bytes_permit);
@@ -130,7 +130,7 @@ async fn serve_connection(node: Arc<Node>, stream: TcpStream) -> Result<(), Fram
 
 /// Runs one request and builds its reply frame. Every reply carries our epoch (or, for
 /// stamp replies, the stamp's). Also used for requests a node sends to itself.
-pub async fn run_request(node: &Node, header: Header, payload: bytes::Bytes) -> (Header, Vec<u8>) {
+pub async fn run_request(node: &Node, header: Header, payload: Payload) -> (Header, Vec<u8>) {
     let outcome = match Opcode::try_from(header.opcode) {
         Ok(op) => dispatch(node, op, &header, payload).await,
         Err(e) => Err(PeerError::new(ErrorCode::InvalidRequest, e.to_string())),

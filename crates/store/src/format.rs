@@ -140,7 +140,48 @@ fn zero_block_crc() -> u32 {
 /// the entry of an all-zero block is 0 and a hole in the table needs no initialisation.
 pub(crate) fn block_tag(block: &[u8]) -> u32 {
     debug_assert_eq!(block.len() as u64, BLOCK_SIZE);
-    crc32c::crc32c(block) ^ zero_block_crc()
+    tag_of_crc(crc32c::crc32c(block))
+}
+
+/// The crc table entry of a block whose crc32c is `crc`.
+pub(crate) fn tag_of_crc(crc: u32) -> u32 {
+    crc ^ zero_block_crc()
+}
+
+/// Data to write, with the crc32c of each of its 4 KiB blocks when the caller already
+/// has them (a replica that checked a frame through them, a gateway that sealed its
+/// frames with them): they become the blocks' tags without another pass over the data.
+#[derive(Clone, Copy, Debug)]
+pub struct Summed<'a> {
+    pub data: &'a [u8],
+    /// `block_crcs[i]` is the crc32c of `data[i * 4096..(i + 1) * 4096]`.
+    pub block_crcs: Option<&'a [u32]>,
+}
+
+impl<'a> Summed<'a> {
+    /// The tags of `data` written at object offset `offset` when the known crcs line up
+    /// with the object's blocks (offset aligned, whole blocks); `None` otherwise.
+    pub(crate) fn tags_at(&self, offset: u64) -> Option<Vec<u32>> {
+        let crcs = self.block_crcs?;
+        if offset % BLOCK_SIZE != 0 || crcs.len() as u64 * BLOCK_SIZE != self.data.len() as u64 {
+            return None;
+        }
+        debug_assert!(self
+            .data
+            .chunks_exact(BLOCK_SIZE as usize)
+            .zip(crcs)
+            .all(|(b, c)| crc32c::crc32c(b) == *c));
+        Some(crcs.iter().map(|&c| tag_of_crc(c)).collect())
+    }
+}
+
+impl<'a, T: AsRef<[u8]> + ?Sized> From<&'a T> for Summed<'a> {
+    fn from(data: &'a T) -> Summed<'a> {
+        Summed {
+            data: data.as_ref(),
+            block_crcs: None,
+        }
+    }
 }
 
 /// Encodes crc table entries for one `pwrite`.

@@ -58,7 +58,7 @@ mod store;
 pub mod sys;
 
 pub use error::StoreError;
-pub use format::BLOCK_SIZE;
+pub use format::{Summed, BLOCK_SIZE};
 pub use identity::{ClusterStamp, StoreIdentity};
 pub use store::{ObjectStore, WRITE_NOW_MAX};
 

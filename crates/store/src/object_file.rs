@@ -6,7 +6,7 @@
 use crate::error::StoreError;
 use crate::fault::FaultLog;
 use crate::format::{
-    block_tag, decode_tags, encode_tags, Header, Layout, BLOCK_SIZE, HEADER_USED, TAG_SIZE,
+    block_tag, decode_tags, encode_tags, Header, Layout, Summed, BLOCK_SIZE, HEADER_USED, TAG_SIZE,
 };
 use crate::{sys, Stamp};
 use proto::Oid;
@@ -152,12 +152,14 @@ impl ObjectFile {
 
     /// Writes `data` at object offset `offset` and updates the crcs of the blocks touched.
     /// Only partial edge blocks are read (and checked) first.
-    pub fn write(
+    pub fn write<'a>(
         &self,
         offset: u64,
-        data: &[u8],
+        data: impl Into<Summed<'a>>,
         undo: Option<&FaultLog>,
     ) -> Result<(), StoreError> {
+        let summed = data.into();
+        let data = summed.data;
         let len = data.len() as u64;
         debug_assert!(offset + len <= self.layout.capacity);
         if len == 0 {
@@ -170,7 +172,9 @@ impl ObjectFile {
         let tail_partial = end % BLOCK_SIZE != 0;
         let tags: Vec<u32> = if !head_partial && !tail_partial {
             self.put(self.layout.data_at(offset), data, undo)?;
-            data.chunks_exact(BLOCK).map(block_tag).collect()
+            summed
+                .tags_at(offset)
+                .unwrap_or_else(|| data.chunks_exact(BLOCK).map(block_tag).collect())
         } else {
             let count = last - first + 1;
             let mut span = vec![0u8; (count * BLOCK_SIZE) as usize];

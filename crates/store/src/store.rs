@@ -4,7 +4,7 @@
 use crate::dirs::{StoreDirs, TempPath};
 use crate::durability::Durability;
 use crate::error::StoreError;
-use crate::format::BLOCK_SIZE;
+use crate::format::{Summed, BLOCK_SIZE};
 use crate::handles::{HandleCache, LockStripes};
 use crate::object_file::ObjectFile;
 use crate::quarantine::Quarantine;
@@ -126,15 +126,16 @@ impl ObjectStore {
     /// creates), updates the crcs of the blocks touched and raises the stored stamp to
     /// `max(stored, stamp)`. A partial edge block is read and checked first (`Checksum` if
     /// it was already bad). `durable`: see the type's doc.
-    pub fn write(
+    pub fn write<'a>(
         &self,
         oid: Oid,
         offset: u64,
-        data: &[u8],
+        data: impl Into<Summed<'a>>,
         stamp: Stamp,
         durable: bool,
     ) -> Result<(), StoreError> {
-        self.check_range(oid, offset, data.len() as u64)?;
+        let data = data.into();
+        self.check_range(oid, offset, data.data.len() as u64)?;
         let guard = self.locks.write(oid);
         let file = self.file(oid)?;
         self.apply_write(guard, oid, &file, offset, data, stamp, durable)
@@ -146,14 +147,15 @@ impl ObjectStore {
     /// cache, so an async caller can apply it in place instead of paying a hand-off to a
     /// blocking thread. `None` when it would have to wait; nothing was done then, and the
     /// caller runs `write` on a blocking thread.
-    pub fn try_write_now(
+    pub fn try_write_now<'a>(
         &self,
         oid: Oid,
         offset: u64,
-        data: &[u8],
+        data: impl Into<Summed<'a>>,
         stamp: Stamp,
     ) -> Option<Result<(), StoreError>> {
-        let len = data.len() as u64;
+        let data = data.into();
+        let len = data.data.len() as u64;
         if len > WRITE_NOW_MAX || offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
             return None;
         }
@@ -174,7 +176,7 @@ impl ObjectStore {
         oid: Oid,
         file: &ObjectFile,
         offset: u64,
-        data: &[u8],
+        data: Summed<'_>,
         stamp: Stamp,
         durable: bool,
     ) -> Result<(), StoreError> {
@@ -187,15 +189,16 @@ impl ObjectStore {
     /// Creates `oid` with `data` at `offset` (zeros elsewhere) and the given stamp,
     /// atomically: the object appears whole or not at all. `Exists` if it is present.
     /// Recreating a stale object (recovery) ends its stale state.
-    pub fn create_and_write(
+    pub fn create_and_write<'a>(
         &self,
         oid: Oid,
         offset: u64,
-        data: &[u8],
+        data: impl Into<Summed<'a>>,
         stamp: Stamp,
         durable: bool,
     ) -> Result<(), StoreError> {
-        self.check_range(oid, offset, data.len() as u64)?;
+        let data = data.into();
+        self.check_range(oid, offset, data.data.len() as u64)?;
         let _guard = self.locks.write(oid);
         if self.file_exists(oid)? {
             return Err(StoreError::Exists(oid));

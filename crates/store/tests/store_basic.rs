@@ -495,3 +495,45 @@ fn sync_all_with_few_or_many_changed_objects() {
         Err(StoreError::NotFound(_))
     ));
 }
+
+fn summed<'a>(data: &'a [u8], crcs: &'a [u32]) -> store::Summed<'a> {
+    store::Summed {
+        data,
+        block_crcs: Some(crcs),
+    }
+}
+
+#[test]
+fn block_crcs_from_the_caller_become_the_tags() {
+    // A replica that checked a frame through its block crcs hands them over: the stored
+    // tags must be exactly what the store computes itself, so reads (after a reopen,
+    // from disk) verify. Crcs that do not line up with the object's blocks are ignored.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), SMALL_OBJECT, false);
+    let first = pattern(16 << 10, 4);
+    let first_crcs = proto::sums::block_crcs(&first).unwrap();
+    let second = pattern(8192, 6);
+    let second_crcs = proto::sums::block_crcs(&second).unwrap();
+    store
+        .create_and_write(oid(1), 8192, summed(&first, &first_crcs), stamp(1), false)
+        .unwrap();
+    store
+        .write(oid(1), 0, summed(&second, &second_crcs), stamp(2), false)
+        .unwrap();
+    assert!(matches!(
+        store.try_write_now(oid(1), 24 << 10, summed(&second, &second_crcs), stamp(3)),
+        Some(Ok(()))
+    ));
+    // Not block-aligned: the crcs do not describe the object's blocks and are not used.
+    store
+        .write(oid(1), 100, summed(&second, &second_crcs), stamp(4), false)
+        .unwrap();
+    let mut model = vec![0u8; 40 << 10];
+    model[8192..8192 + first.len()].copy_from_slice(&first);
+    model[..8192].copy_from_slice(&second);
+    model[24 << 10..(24 << 10) + 8192].copy_from_slice(&second);
+    model[100..100 + 8192].copy_from_slice(&second);
+    drop(store);
+    let store = open(dir.path(), SMALL_OBJECT, false);
+    assert_eq!(store.read(oid(1), 0, 40 << 10).unwrap(), model);
+}
