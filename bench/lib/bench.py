@@ -306,7 +306,8 @@ class Bench:
                                  f"(writethrough until the first flush, off) was refused: " + q.stderr.strip().removeprefix("dog: "))
                 else:
                     s.note = (f"writethrough-until-first-flush switched off (`dog vdi set {VDI[m]} {key} {value}`); "
-                              f"cache {a.cache_size} per node, dirty limit {a.cache_dirty_max}")
+                              f"cache {a.cache_size} per node, dirty limit {a.cache_dirty_max}; sequential streams of large "
+                              "writes go around the cache after 64M (the default `--cache-sequential-cutoff`)")
             if not s.available:
                 self.say(f"{m}: {s.why_not}")
             self.systems[m] = s

@@ -226,10 +226,12 @@ def write(out: str, data: dict, workloads, cells: dict, log) -> str:
         L.append("From `dog vdi cache info bench-wb --json` on the gateway, polled every 0.5 s during each run: counter "
                  "changes over the run (median over the repetitions) and the peaks during the measured part of unpushed data "
                  "(what the dirty limit bounds: writes wait when it is reached) and of all dirty data (pushed data "
-                 "stays dirty until a sync; it is bounded by the cache size).")
+                 "stays dirty until a sync; it is bounded by the cache size). *Written around*: large writes sent "
+                 "straight to the replicas (a long sequential stream, or dirty data at its limit).")
         L.append("")
-        L.append("| workload | hit ratio | misses | evictions | backpressure waits | pushed | peak unpushed / limit | peak dirty |")
-        L.append("|---|---|---|---|---|---|---|---|")
+        L.append("| workload | hit ratio | misses | evictions | backpressure waits | pushed | written around | "
+                 "peak unpushed / limit | peak dirty |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
         for w in workloads:
             rs = [r["cache"] for r in wb if r["workload"] == w.key]
             if not rs:
@@ -244,7 +246,8 @@ def write(out: str, data: dict, workloads, cells: dict, log) -> str:
             pdirty = med("peak_dirty_measured")
             punpushed = med("peak_unpushed_measured")
             L.append(f"| {w.title} | {hr} | {misses:,} | {med('evictions'):,} | {med('backpressure_waits'):,} | "
-                     f"{med('pushed_bytes') / 2**20:,.0f} MiB | {punpushed / 2**20:,.0f} / {lim / 2**20:,.0f} MiB | "
+                     f"{med('pushed_bytes') / 2**20:,.0f} MiB | {med('written_around_bytes') / 2**20:,.0f} MiB | "
+                     f"{punpushed / 2**20:,.0f} / {lim / 2**20:,.0f} MiB | "
                      f"{pdirty / 2**20:,.0f} MiB |")
         L.append("")
 

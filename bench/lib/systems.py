@@ -106,7 +106,8 @@ class CacheWatch:
     """Polls `dog vdi cache info NAME --json` on the gateway during a run: the counters
     before and after, and the peaks of dirty and of unpushed bytes."""
 
-    FIELDS = ("hits", "misses", "evictions", "backpressure_waits", "pushes", "pushed_bytes", "flushes", "push_failures")
+    FIELDS = ("hits", "misses", "evictions", "backpressure_waits", "pushes", "pushed_bytes", "flushes", "push_failures",
+              "written_around_bytes")
 
     def __init__(self, dog: Dog, name: str, interval: float = 0.5):
         self.dog = dog

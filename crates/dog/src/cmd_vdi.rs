@@ -470,8 +470,12 @@ fn print_cache(c: &CacheInfo) {
         c.push_failures
     );
     println!(
-        "  backpressure waits {}, evictions {}, flushes {}",
-        c.backpressure_waits, c.evictions, c.flushes
+        "  backpressure waits {}, written around the cache {} ({}), evictions {}, flushes {}",
+        c.backpressure_waits,
+        c.written_around,
+        human(c.written_around_bytes),
+        c.evictions,
+        c.flushes
     );
     let last = c
         .last_flush_unix

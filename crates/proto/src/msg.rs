@@ -276,6 +276,11 @@ pub struct CacheInfo {
     pub pushes_in_flight: u64,
     pub push_failures: u64,
     pub backpressure_waits: u64,
+    /// Writes that went around the cache to the replicas (dirty data at its limit).
+    #[serde(default)]
+    pub written_around: u64,
+    #[serde(default)]
+    pub written_around_bytes: u64,
     pub evictions: u64,
     pub flushes: u64,
     pub last_flush_unix: Option<u64>,

@@ -68,6 +68,13 @@ pub struct Options {
     #[arg(long, default_value_t = 8)]
     pub cache_push_concurrency: usize,
 
+    /// A sequential stream of large writes (128 KiB or more each) goes around the
+    /// cache, straight to the replicas as in `none` mode, once it has written this much
+    /// (0: never). The cache is for bursts and random writes; a long stream through it
+    /// costs more than one written around it.
+    #[arg(long, value_parser = proto::size::parse_size, default_value = "64M")]
+    pub cache_sequential_cutoff: u64,
+
     /// TEST ONLY: read the boot id from this file instead of the kernel (simulates a reboot).
     #[arg(long, hide = true)]
     pub boot_id_file: Option<PathBuf>,
@@ -120,6 +127,7 @@ impl Options {
             size,
             dirty_max: self.cache_dirty_max.unwrap_or(size / 4 * 3).max(4 << 20),
             push_concurrency: self.cache_push_concurrency.max(1),
+            sequential_cutoff: self.cache_sequential_cutoff,
             flush_timeout: std::time::Duration::from_secs(self.cache_flush_timeout.max(1)),
         })
     }

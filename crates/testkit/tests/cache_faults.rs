@@ -365,6 +365,68 @@ fn simulated_reboot_drops_unflushed_cache_content_and_flushed_data_is_intact() {
     );
 }
 
+#[test]
+fn a_long_sequential_stream_goes_around_the_cache_stays_coherent_and_a_flush_makes_it_durable() {
+    // Writes of a sequential stream past --cache-sequential-cutoff go straight to the replicas; the cache blocks they replace (dirty ones too) are dropped, never pushed over them; FLUSH syncs every replica they reached, so a power cut of all nodes after it loses nothing.
+    let cluster = CacheCluster::up(CacheOpts {
+        fault_injection: true,
+        sheep_args: vec![
+            format!("--cache-flush-timeout={FLUSH_TIMEOUT_SECS}"),
+            "--cache-sequential-cutoff=8M".into(),
+        ],
+        ..CacheOpts::default()
+    });
+    cluster.create_writeback_vdi("s", "48M", &[]);
+    let mut w = Writer::connect("writer", &cluster.nbd_url(0, "s"), vec![0; 48 * MIB]);
+
+    eprintln!("phase: 64 KiB writes (too small to go around) every 2 MiB, dirty in node 0's cache");
+    for k in 0..24 {
+        w.write(k * 2 * MIB + 8192, &random_bytes(64 * 1024, 100 + k as u64));
+    }
+    cluster.assert_dirty(0, "s", "before the stream");
+
+    eprintln!("phase: a 40 MiB sequential stream over them (4 MiB requests, all in flight)");
+    w.write(0, &random_bytes(40 * MIB, 90));
+    let stats = cluster.cache_stats(0, "s");
+    let around = stats["written_around_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        around >= 16 * MIB as u64,
+        "only {around} bytes of the stream went around the cache: {stats}"
+    );
+
+    eprintln!("phase: 64 KiB writes on top of blocks the stream wrote around; read back");
+    w.write(20 * MIB + 4096, &random_bytes(64 * 1024, 91));
+    w.write(44 * MIB, &random_bytes(64 * 1024, 92));
+    w.assert_model("s through node 0 before the FLUSH");
+    w.flush();
+    assert_eq!(
+        cluster.dirty_bytes(0, "s"),
+        0,
+        "dirty data after a successful FLUSH"
+    );
+
+    eprintln!("phase: power cut of every node (the connection still open), then all restart");
+    for i in [2, 1, 0] {
+        cluster.power_cut(i);
+    }
+    let model = std::mem::take(&mut w.model);
+    drop(w);
+    for i in 0..3 {
+        cluster.start(i);
+    }
+    cluster.wait_members(0, 3);
+    for i in [1, 2] {
+        assert_export_holds(
+            &cluster.nbd_url(i, "s/ro"),
+            &model,
+            &format!("s through node {i} after the power cut"),
+        );
+    }
+    for i in 0..3 {
+        cluster.assert_alive_without_panic(i);
+    }
+}
+
 /// Calls `f` every 200 ms until it returns Some or `timeout` has passed.
 fn wait_until_some<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;

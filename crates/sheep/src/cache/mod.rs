@@ -30,6 +30,9 @@ pub struct CacheConfig {
     pub dirty_max: u64,
     /// Objects pushed at once per VDI.
     pub push_concurrency: usize,
+    /// Bytes of a sequential stream of large writes after which its writes go around
+    /// the cache, straight to the replicas (0: never).
+    pub sequential_cutoff: u64,
     /// How long a FLUSH (or a write under backpressure) waits for replicas before EIO.
     pub flush_timeout: Duration,
 }

@@ -66,12 +66,24 @@ pub struct Marked {
     pub unpushed: u64,
 }
 
+/// How dropping blocks from the cache moved its counts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Forgot {
+    /// Blocks that were valid.
+    pub valid: u64,
+    /// Dirty blocks dropped.
+    pub dirty: u64,
+    /// Of those, blocks that had been pushed.
+    pub pushed: u64,
+}
+
 pub struct CachedObject {
     pub index: u32,
     file: File,
     pub blocks: Mutex<Blocks>,
-    /// One push (or fill) of this object at a time.
-    pub io: tokio::sync::Mutex<()>,
+    /// Pushes of this object hold it exclusively (one at a time); writes going around
+    /// the cache hold it shared, so no push runs while they replace blocks under it.
+    pub io: tokio::sync::RwLock<()>,
     pub last_used: AtomicU64,
     next_seq: AtomicU64,
 }
@@ -91,7 +103,7 @@ impl CachedObject {
                 pushed_epoch: vec![0; n],
                 unpushed,
             }),
-            io: tokio::sync::Mutex::new(()),
+            io: tokio::sync::RwLock::new(()),
             last_used: AtomicU64::new(tick),
             next_seq: AtomicU64::new(2),
         }
@@ -149,6 +161,39 @@ impl CachedObject {
             }
         }
         m
+    }
+
+    /// Drops blocks `[start, end)` after a write went around the cache: the replicas
+    /// hold newer content. They become invalid (a read fetches them again) and, with
+    /// `dirty_too`, clean: their older dirty content must never be pushed over the new.
+    /// Without it dirty blocks stay as they are (after a failed write, whatever part of
+    /// it reached the replicas is overwritten by the next push). Every dropped block gets
+    /// a new sequence number, so a push or flush of older content in flight never marks
+    /// it pushed or clean.
+    pub fn forget(&self, b: &mut Blocks, start: usize, end: usize, dirty_too: bool) -> Forgot {
+        let mut f = Forgot::default();
+        for i in start..end {
+            if b.st.dirty.get(i) {
+                if !dirty_too {
+                    continue;
+                }
+                f.dirty += 1;
+                if b.pushed_epoch[i] != 0 {
+                    f.pushed += 1;
+                } else {
+                    b.unpushed -= 1;
+                }
+                b.pushed_epoch[i] = 0;
+                b.st.dirty.set(i, false);
+                b.st.zero.set(i, false);
+            }
+            if b.st.valid.get(i) {
+                f.valid += 1;
+                b.st.valid.set(i, false);
+            }
+            b.seq[i] = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        }
+        f
     }
 
     /// Fills blocks that are neither valid nor dirty from a copy of the whole object.
@@ -257,4 +302,55 @@ fn punch(f: &File, offset: u64, len: u64) -> io::Result<()> {
     }
     // No hole punching here: write zeros instead.
     f.write_all_at(&vec![0u8; len as usize], offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(blocks: usize) -> (tempfile::TempDir, CachedObject) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("obj"))
+            .expect("cache file");
+        file.set_len(blocks as u64 * CACHE_BLOCK).expect("size");
+        let o = CachedObject::new(0, file, ObjectState::new(blocks), 1);
+        (dir, o)
+    }
+
+    #[test]
+    fn forgetting_blocks_drops_them_and_keeps_the_counts_straight() {
+        let (_dir, o) = object(8);
+        let mut b = o.lock();
+        let block = vec![7u8; CACHE_BLOCK as usize];
+        // Blocks 0-1 clean, 2-3 dirty and pushed, 4-5 dirty and unpushed, 6-7 absent.
+        o.write(&mut b, 0, &[&block[..], &block[..]].concat(), true)
+            .expect("clean write");
+        o.write(&mut b, 2 * CACHE_BLOCK, &[&block[..]; 4].concat(), false)
+            .expect("dirty write");
+        assert!(b.set_pushed(2, 5) && b.set_pushed(3, 5));
+        assert_eq!(b.unpushed, 2);
+        let seq_before = b.seq.clone();
+
+        // Keeping dirty blocks (a failed write): only clean copies go.
+        let kept = o.forget(&mut b, 0, 8, false);
+        assert_eq!((kept.valid, kept.dirty, kept.pushed), (2, 0, 0));
+        assert!(!b.st.valid.get(0) && !b.st.valid.get(1));
+        assert!((2..6).all(|i| b.st.dirty.get(i) && b.st.valid.get(i)));
+        assert_eq!(b.unpushed, 2);
+        assert_eq!(b.seq[2..6], seq_before[2..6]);
+
+        // Dropping dirty blocks too: nothing is left to push over the replicas' copy,
+        // and a push of the old content in flight finds its sequence numbers moved.
+        let gone = o.forget(&mut b, 1, 6, true);
+        assert_eq!((gone.valid, gone.dirty, gone.pushed), (4, 4, 2));
+        assert!((0..8).all(|i| !b.st.valid.get(i) && !b.st.dirty.get(i)));
+        assert_eq!(b.unpushed, 0);
+        assert!((1..6).all(|i| b.seq[i] != seq_before[i] && b.pushed_epoch[i] == 0));
+        assert!(o.snapshot_for_push(&b, 6).expect("snapshot").is_empty());
+    }
 }

@@ -27,6 +27,11 @@ const BACKGROUND_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 const PUSH_GATHER: Duration = Duration::from_millis(2);
 /// A flush covering at most this many objects pushes them as durable writes.
 const DURABLE_PUSH_OBJECTS_MAX: usize = 4;
+/// Writes smaller than this always go into the cache (see `goes_around`).
+const WRITE_AROUND_MIN: u64 = 128 << 10;
+/// Stripes (by object index) of the count of writes that went around the cache, which
+/// a fill compares before and after it reads from the replicas.
+const AROUND_STRIPES: usize = 64;
 /// Pause between attempts while a flush or push waits for enough replicas.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
 
@@ -47,6 +52,8 @@ struct Stats {
     pushes_in_flight: AtomicU64,
     push_failures: AtomicU64,
     backpressure_waits: AtomicU64,
+    written_around: AtomicU64,
+    written_around_bytes: AtomicU64,
     evictions: AtomicU64,
     flushes: AtomicU64,
     last_flush_unix: AtomicU64,
@@ -76,6 +83,46 @@ pub struct VdiCache {
     pusher_running: AtomicBool,
     /// A background sync started by the pusher is running.
     syncing: AtomicBool,
+    /// Writes that went around the cache, per stripe of object indices (see `fill`).
+    around: [AtomicU64; AROUND_STRIPES],
+    /// Recent sequential streams of large writes (see `goes_around`).
+    streams: Mutex<Streams>,
+}
+
+/// Sequential streams being written, found by where large writes start.
+#[derive(Default)]
+struct Streams {
+    /// (end of the stream, bytes written in it, last use), at most [`STREAMS_MAX`].
+    slots: Vec<(u64, u64, u64)>,
+    tick: u64,
+}
+
+/// Streams tracked at once per VDI (the least recently used one is replaced).
+const STREAMS_MAX: usize = 8;
+/// How far from a stream's end a write may start and still continue it: requests in
+/// flight together may be served slightly out of order.
+const STREAM_SLACK: u64 = 8 << 20;
+
+impl Streams {
+    /// Records a write; returns the bytes written so far by the stream it continues.
+    fn note(&mut self, offset: u64, len: u64) -> u64 {
+        self.tick += 1;
+        let end = offset + len;
+        let near = |e: u64| offset <= e.saturating_add(STREAM_SLACK) && offset + STREAM_SLACK >= e;
+        if let Some(s) = self.slots.iter_mut().find(|s| near(s.0)) {
+            s.0 = s.0.max(end);
+            s.1 = s.1.saturating_add(len);
+            s.2 = self.tick;
+            return s.1;
+        }
+        let new = (end, len, self.tick);
+        if self.slots.len() < STREAMS_MAX {
+            self.slots.push(new);
+        } else if let Some(lru) = self.slots.iter_mut().min_by_key(|s| s.2) {
+            *lru = new;
+        }
+        len
+    }
 }
 
 impl VdiCache {
@@ -160,6 +207,8 @@ impl VdiCache {
             seen_flush: AtomicBool::new(false),
             pusher_running: AtomicBool::new(false),
             syncing: AtomicBool::new(false),
+            around: std::array::from_fn(|_| AtomicU64::new(0)),
+            streams: Mutex::new(Streams::default()),
         })
     }
 
@@ -259,14 +308,38 @@ impl VdiCache {
         until_flush && !self.seen_flush.load(Ordering::Acquire)
     }
 
+    /// Whether `bytes` more dirty data would pass the unpushed limit or the dirty cap.
+    fn over_limit(&self, bytes: u64) -> bool {
+        self.unpushed_bytes() + bytes > self.cfg.dirty_max
+            || self.dirty_bytes() + bytes > self.dirty_cap()
+    }
+
+    /// Whether a large write of whole blocks goes around the cache: when it continues a
+    /// sequential stream already past the cutoff (the cache is for bursts and random
+    /// writes; a long stream costs a replicated write either way, and through the cache
+    /// also a copy in, a push and a copy out), or when dirty data is at its limit.
+    fn goes_around(&self, offset: u64, len: u64) -> bool {
+        if len < WRITE_AROUND_MIN
+            || !offset.is_multiple_of(CACHE_BLOCK)
+            || !len.is_multiple_of(CACHE_BLOCK)
+        {
+            return false;
+        }
+        let sequential = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .note(offset, len);
+        let cutoff = self.cfg.sequential_cutoff;
+        (cutoff > 0 && sequential >= cutoff) || self.over_limit(len)
+    }
+
     /// Waits while unpushed data is at its limit, or all dirty data at its cap
     /// (backpressure), at most the flush timeout.
     async fn make_room(&self, bytes: u64) -> Result<(), PeerError> {
         let deadline = Instant::now() + self.cfg.flush_timeout;
         let mut waited = false;
-        while self.unpushed_bytes() + bytes > self.cfg.dirty_max
-            || self.dirty_bytes() + bytes > self.dirty_cap()
-        {
+        while self.over_limit(bytes) {
             if !waited {
                 self.stats
                     .backpressure_waits
@@ -291,7 +364,9 @@ impl VdiCache {
     }
 
     /// Writes into the cache. `through`: also write durably to the replicas before
-    /// returning, leaving the blocks clean (writethrough until the first flush).
+    /// returning, leaving the blocks clean (writethrough until the first flush). A large
+    /// write of whole blocks in a long sequential stream, or while dirty data is at its
+    /// limit, goes around the cache instead (see [`VdiCache::write_around`]).
     pub async fn write(
         &self,
         node: &Node,
@@ -300,12 +375,67 @@ impl VdiCache {
         data: &bytes::Bytes,
         through: bool,
     ) -> Result<(), PeerError> {
+        let len = data.len() as u64;
         if through {
             gateway::write(node, vdi, offset, data, true).await?;
+        } else if self.goes_around(offset, len) {
+            return self.write_around(node, vdi, offset, data).await;
         } else {
-            self.make_room(data.len() as u64).await?;
+            self.make_room(len).await?;
         }
         self.store_local(offset, data, through)
+    }
+
+    /// Writes to the replicas directly, as in `none` mode, and drops the blocks from
+    /// the cache: acknowledged once every replica applied it, made durable by the next
+    /// FLUSH (which syncs every node that applied writes since the last one). A stream
+    /// of large writes past the dirty limit then costs one replicated write, not a copy
+    /// into the cache, a wait for the pusher, and a copy out again.
+    ///
+    /// Pushes of the cached objects in the range wait (their io lock, held shared here)
+    /// until the blocks are dropped, so no older content is pushed over this write; a
+    /// fill that read the replicas meanwhile sees the stripe count move and keeps nothing.
+    async fn write_around(
+        &self,
+        node: &Node,
+        vdi: &VdiState,
+        offset: u64,
+        data: &bytes::Bytes,
+    ) -> Result<(), PeerError> {
+        let pieces = split_range(offset, data.len() as u64, self.object_size);
+        let cached: Vec<Arc<CachedObject>> =
+            pieces.iter().filter_map(|p| self.object(p.0)).collect();
+        let mut held = Vec::with_capacity(cached.len());
+        for o in &cached {
+            held.push(o.io.read().await);
+        }
+        let written = gateway::write(node, vdi, offset, data, false).await;
+        // After a failure only clean copies go (the replicas may hold part of the
+        // write); dirty blocks stay and their next push overwrites that part.
+        let done = written.is_ok();
+        for &(index, in_obj, n) in &pieces {
+            self.around[index as usize % AROUND_STRIPES].fetch_add(1, Ordering::AcqRel);
+            let Some(o) = self.object(index) else {
+                continue;
+            };
+            let (s, e) = block_span(in_obj, n);
+            let mut b = o.lock();
+            let f = o.forget(&mut b, s, e, done);
+            self.valid_blocks.fetch_sub(f.valid, Ordering::Relaxed);
+            self.pushed_blocks.fetch_sub(f.pushed, Ordering::AcqRel);
+            self.dirty_blocks.fetch_sub(f.dirty, Ordering::AcqRel);
+            if f.valid > 0 || f.dirty > 0 {
+                self.persist(&o, &b.st)?;
+            }
+        }
+        drop(held);
+        written?;
+        self.stats.written_around.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .written_around_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.room.notify_waiters();
+        Ok(())
     }
 
     /// Puts data into the cache files: dirty (to be pushed), or `clean` when the
@@ -383,7 +513,14 @@ impl VdiCache {
                 }
                 None => {
                     self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                    self.fill(node, vdi, index).await?
+                    match self.fill(node, vdi, index).await? {
+                        Ok(o) => o,
+                        Err(whole) => {
+                            let at = in_obj as usize;
+                            out.extend_from_slice(&whole[at..at + n as usize]);
+                            continue;
+                        }
+                    }
                 }
             };
             o.touch(self.next_tick());
@@ -393,23 +530,31 @@ impl VdiCache {
         Ok(out)
     }
 
+    /// Reads a whole object from the replicas into the cache. `Err(copy)` when a write
+    /// went around the cache to this object meanwhile: the copy may predate it, so it
+    /// serves this read (which overlapped that write) but is not kept.
     async fn fill(
         &self,
         node: &Node,
         vdi: &VdiState,
         index: u32,
-    ) -> Result<Arc<CachedObject>, PeerError> {
+    ) -> Result<Result<Arc<CachedObject>, Vec<u8>>, PeerError> {
         let osz = self.object_size as u64;
+        let around = &self.around[index as usize % AROUND_STRIPES];
+        let before = around.load(Ordering::Acquire);
         let whole = gateway::read(node, vdi, index as u64 * osz, osz).await?;
         let o = self.object_or_create(index)?;
         let mut b = o.lock();
+        if around.load(Ordering::Acquire) != before {
+            return Ok(Err(whole));
+        }
         let before = b.st.valid.count();
         o.fill(&mut b, &whole).map_err(|e| io_error("fill", e))?;
         self.valid_blocks
             .fetch_add((b.st.valid.count() - before) as u64, Ordering::Relaxed);
         self.persist(&o, &b.st)?;
         drop(b);
-        Ok(o)
+        Ok(Ok(o))
     }
 
     /// True when the cache holds dirty data in the object (BLOCK_STATUS must not call
@@ -445,7 +590,7 @@ impl VdiCache {
             if Arc::strong_count(&o) > 2 {
                 continue;
             }
-            let Ok(_io) = o.io.try_lock() else {
+            let Ok(_io) = o.io.try_write() else {
                 continue;
             };
             let b = o.lock();
@@ -475,7 +620,7 @@ impl VdiCache {
         o: &CachedObject,
         durable: bool,
     ) -> Result<(), PeerError> {
-        let _one = o.io.lock().await;
+        let _one = o.io.write().await;
         let epoch = node.view().epoch();
         let runs: Vec<PushRun> = {
             let b = o.lock();
@@ -810,6 +955,8 @@ impl VdiCache {
             pushes_in_flight: self.stats.pushes_in_flight.load(Ordering::Relaxed),
             push_failures: self.stats.push_failures.load(Ordering::Relaxed),
             backpressure_waits: self.stats.backpressure_waits.load(Ordering::Relaxed),
+            written_around: self.stats.written_around.load(Ordering::Relaxed),
+            written_around_bytes: self.stats.written_around_bytes.load(Ordering::Relaxed),
             evictions: self.stats.evictions.load(Ordering::Relaxed),
             flushes: self.stats.flushes.load(Ordering::Relaxed),
             last_flush_unix: match self.stats.last_flush_unix.load(Ordering::Relaxed) {
@@ -826,4 +973,35 @@ fn now_unix() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_follow_sequential_writes_served_a_little_out_of_order() {
+        let mut s = Streams::default();
+        const M: u64 = 1 << 20;
+        // 1 MiB writes in order, then two swapped (requests in flight together).
+        assert_eq!(s.note(0, M), M);
+        assert_eq!(s.note(M, M), 2 * M);
+        assert_eq!(s.note(3 * M, M), 3 * M);
+        assert_eq!(s.note(2 * M, M), 4 * M);
+        assert_eq!(s.note(4 * M, M), 5 * M);
+        // A write far away starts its own stream and leaves this one alone.
+        assert_eq!(s.note(512 * M, M), M);
+        assert_eq!(s.note(5 * M, M), 6 * M);
+        // Writes jumping around (a random workload) never build up a long stream.
+        let mut longest = 0;
+        for k in 1..1000u64 {
+            let at = (k * 7919 % 997) * 64 * M;
+            longest = longest.max(s.note(at, M));
+        }
+        assert!(
+            longest <= 2 * M,
+            "random writes counted as a stream of {longest} bytes"
+        );
+        assert!(s.slots.len() <= STREAMS_MAX);
+    }
 }
