@@ -21,8 +21,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use uuid::Uuid;
 
-/// Stripes of per-object write locks per VDI.
-const WRITE_STRIPES: usize = 256;
 /// How long a flush waits for a dead node to leave the membership.
 const FLUSH_SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 /// Object pieces of one request processed at once.
@@ -32,7 +30,8 @@ const PIECES_IN_FLIGHT_MAX: usize = 16;
 pub struct VdiState {
     header: RwLock<VdiHeader>,
     table: RwLock<Vec<Vid>>,
-    stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Writes to overlapping ranges of an object go to its replicas in order.
+    ranges: crate::ranges::RangeLocks,
     /// Nodes that applied unsynced writes of this VDI since the last flush began.
     unsynced: Mutex<HashSet<Uuid>>,
     /// Orders flushes: one does not return while an earlier one's syncs still run.
@@ -181,9 +180,7 @@ pub async fn open_vdi(node: &Node, vid: Vid, refresh: Refresh) -> Result<Arc<Vdi
     let state = Arc::new(VdiState {
         header: RwLock::new(header),
         table: RwLock::new(table),
-        stripes: (0..WRITE_STRIPES)
-            .map(|_| tokio::sync::Mutex::new(()))
-            .collect(),
+        ranges: crate::ranges::RangeLocks::default(),
         unsynced: Mutex::new(HashSet::new()),
         flush_order: tokio::sync::Mutex::new(()),
         unsynced_entries: Mutex::new(HashSet::new()),
@@ -375,7 +372,10 @@ async fn write_object(
     data: bytes::Bytes,
     durable: bool,
 ) -> Result<(), PeerError> {
-    let _ordered = vdi.stripes[index as usize % WRITE_STRIPES].lock().await;
+    let _ordered = vdi
+        .ranges
+        .lock(index, offset, offset + data.len() as u64)
+        .await;
     let oid = Oid::data(h.vid, index);
     let policy = vdi.policy(durable);
     let owner = vdi.entry(index);
@@ -443,7 +443,7 @@ pub async fn zero_range(
             write_object(node, vdi, &h, index, in_obj, zeros, durable).await?;
             continue;
         }
-        let _ordered = vdi.stripes[index as usize % WRITE_STRIPES].lock().await;
+        let _ordered = vdi.ranges.lock(index, in_obj, in_obj + n).await;
         let owner = vdi.entry(index);
         if owner == 0 {
             continue;

@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod node;
 pub mod options;
 pub mod ordering;
+pub mod ranges;
 pub mod recovery;
 pub mod replicate;
 pub mod server;
