@@ -196,19 +196,21 @@ impl CachedObject {
         f
     }
 
-    /// Fills blocks that are neither valid nor dirty from a copy of the whole object.
-    pub fn fill(&self, b: &mut Blocks, whole: &[u8]) -> io::Result<()> {
-        let blocks = b.st.valid.len();
-        let mut missing = Bitmap::new(blocks);
-        for i in 0..blocks {
+    /// Fills the blocks from `first` on that `data` covers and that are neither valid
+    /// nor dirty, from `data` (a copy read from the replicas).
+    pub fn fill(&self, b: &mut Blocks, first: usize, data: &[u8]) -> io::Result<()> {
+        let end = (first + data.len() / CACHE_BLOCK as usize).min(b.st.valid.len());
+        let mut missing = Bitmap::new(b.st.valid.len());
+        for i in first..end {
             missing.set(i, !b.st.valid.get(i) && !b.st.dirty.get(i));
         }
         for (s, e) in runs(&missing) {
-            let (from, to) = (s as u64 * CACHE_BLOCK, e as u64 * CACHE_BLOCK);
+            let from = (s - first) * CACHE_BLOCK as usize;
+            let to = (e - first) * CACHE_BLOCK as usize;
             store::sys::write_all_at_in_pieces(
                 &self.file,
-                &whole[from as usize..to as usize],
-                from,
+                &data[from..to],
+                s as u64 * CACHE_BLOCK,
             )?;
             b.st.valid.set_range(s, e, true);
         }
@@ -352,5 +354,34 @@ mod tests {
         assert_eq!(b.unpushed, 0);
         assert!((1..6).all(|i| b.seq[i] != seq_before[i] && b.pushed_epoch[i] == 0));
         assert!(o.snapshot_for_push(&b, 6).expect("snapshot").is_empty());
+    }
+
+    #[test]
+    fn a_fill_keeps_only_blocks_the_cache_lacks() {
+        let (_dir, o) = object(8);
+        let mut b = o.lock();
+        let block = |v: u8| vec![v; CACHE_BLOCK as usize];
+        // Block 2 dirty (newer than any copy), block 3 clean; the rest absent.
+        o.write(&mut b, 2 * CACHE_BLOCK, &block(2), false)
+            .expect("dirty write");
+        o.write(&mut b, 3 * CACHE_BLOCK, &block(3), true)
+            .expect("clean write");
+        // A copy of blocks 1-4 from the replicas, all 9s.
+        o.fill(
+            &mut b,
+            1,
+            &[block(9), block(9), block(9), block(9)].concat(),
+        )
+        .expect("fill");
+        let got = o.read(0, 6 * CACHE_BLOCK).expect("read");
+        let want = [block(0), block(9), block(2), block(3), block(9), block(0)].concat();
+        assert_eq!(got, want);
+        let valid: Vec<bool> = (0..8).map(|i| b.st.valid.get(i)).collect();
+        assert_eq!(valid, [false, true, true, true, true, false, false, false]);
+        assert!(b.st.dirty.get(2) && !b.st.dirty.get(1) && !b.st.dirty.get(4));
+        // A copy running past the object's end is cut at it.
+        o.fill(&mut b, 7, &[block(7), block(7)].concat())
+            .expect("fill at the end");
+        assert!(b.st.valid.get(7));
     }
 }

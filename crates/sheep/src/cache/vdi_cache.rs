@@ -491,8 +491,7 @@ impl VdiCache {
         Ok(())
     }
 
-    /// Reads through the cache, fetching a whole object from the replicas on a miss and
-    /// keeping it.
+    /// Reads through the cache, fetching what it lacks from the replicas and keeping it.
     pub async fn read(
         &self,
         node: &Node,
@@ -506,55 +505,67 @@ impl VdiCache {
             let hit = self
                 .object(index)
                 .filter(|o| o.lock().st.valid.all_in(s, e));
-            let o = match hit {
+            match hit {
                 Some(o) => {
                     self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                    o
+                    o.touch(self.next_tick());
+                    out.extend(o.read(in_obj, n).map_err(|e| io_error("read", e))?);
                 }
                 None => {
                     self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                    match self.fill(node, vdi, index).await? {
-                        Ok(o) => o,
-                        Err(whole) => {
-                            let at = in_obj as usize;
-                            out.extend_from_slice(&whole[at..at + n as usize]);
-                            continue;
-                        }
-                    }
+                    out.extend(self.read_miss(node, vdi, index, in_obj, n).await?);
                 }
-            };
-            o.touch(self.next_tick());
-            out.extend(o.read(in_obj, n).map_err(|e| io_error("read", e))?);
+            }
         }
         self.evict();
         Ok(out)
     }
 
-    /// Reads a whole object from the replicas into the cache. `Err(copy)` when a write
-    /// went around the cache to this object meanwhile: the copy may predate it, so it
-    /// serves this read (which overlapped that write) but is not kept.
-    async fn fill(
+    /// A read of `[in_obj, in_obj + n)` of object `index` that the cache cannot serve
+    /// whole: the blocks it spans are read from the replicas and the ones the cache
+    /// lacks are kept (those it holds, dirty ones among them, are newer or the same).
+    /// Only the blocks read are fetched: a 4 KiB miss costs a 4 KiB read, not an object.
+    /// When a write went around the cache to this object meanwhile, the copy read may
+    /// predate it: it then serves this read (which overlapped that write) where the
+    /// cache has nothing, and none of it is kept.
+    async fn read_miss(
         &self,
         node: &Node,
         vdi: &VdiState,
         index: u32,
-    ) -> Result<Result<Arc<CachedObject>, Vec<u8>>, PeerError> {
-        let osz = self.object_size as u64;
+        in_obj: u64,
+        n: u64,
+    ) -> Result<Vec<u8>, PeerError> {
+        let (s, e) = block_span(in_obj, n);
+        let span_at = s as u64 * CACHE_BLOCK;
         let around = &self.around[index as usize % AROUND_STRIPES];
         let before = around.load(Ordering::Acquire);
-        let whole = gateway::read(node, vdi, index as u64 * osz, osz).await?;
+        let base = index as u64 * self.object_size as u64;
+        let fetched =
+            gateway::read(node, vdi, base + span_at, (e - s) as u64 * CACHE_BLOCK).await?;
         let o = self.object_or_create(index)?;
         let mut b = o.lock();
         if around.load(Ordering::Acquire) != before {
-            return Ok(Err(whole));
+            let mut out = o.read(in_obj, n).map_err(|e| io_error("read", e))?;
+            for i in (s..e).filter(|&i| !b.st.valid.get(i)) {
+                // The part of block i inside the read, from the copy.
+                let from = (i as u64 * CACHE_BLOCK).max(in_obj);
+                let to = ((i as u64 + 1) * CACHE_BLOCK).min(in_obj + n);
+                out[(from - in_obj) as usize..(to - in_obj) as usize]
+                    .copy_from_slice(&fetched[(from - span_at) as usize..(to - span_at) as usize]);
+            }
+            return Ok(out);
         }
-        let before = b.st.valid.count();
-        o.fill(&mut b, &whole).map_err(|e| io_error("fill", e))?;
+        let was = b.st.valid.count();
+        o.fill(&mut b, s, &fetched)
+            .map_err(|e| io_error("fill", e))?;
         self.valid_blocks
-            .fetch_add((b.st.valid.count() - before) as u64, Ordering::Relaxed);
+            .fetch_add((b.st.valid.count() - was) as u64, Ordering::Relaxed);
         self.persist(&o, &b.st)?;
+        let out = o.read(in_obj, n).map_err(|e| io_error("read", e));
         drop(b);
-        Ok(Ok(o))
+        o.touch(self.next_tick());
+        out
     }
 
     /// True when the cache holds dirty data in the object (BLOCK_STATUS must not call
