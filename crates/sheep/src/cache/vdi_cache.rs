@@ -990,6 +990,45 @@ fn now_unix() -> u64 {
 mod tests {
     use super::*;
 
+    fn cache(dir: &std::path::Path, dirty_max: u64, cutoff: u64) -> VdiCache {
+        let cfg = CacheConfig {
+            root: dir.to_path_buf(),
+            size: 64 << 20,
+            dirty_max,
+            push_concurrency: 1,
+            sequential_cutoff: cutoff,
+            flush_timeout: Duration::from_secs(1),
+        };
+        VdiCache::open(Arc::new(cfg), dir.join("vdi"), 7, 4 << 20, 1).expect("cache opens")
+    }
+
+    #[test]
+    fn only_large_whole_block_writes_of_long_streams_or_past_the_limit_go_around() {
+        const M: u64 = 1 << 20;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let c = cache(dir.path(), 4 * M, 8 * M);
+        // Small or unaligned writes always go into the cache, however long the stream.
+        assert!((0..64).all(|k| !c.goes_around(k * 64 * 1024, 64 * 1024)));
+        assert!(!c.goes_around(100 * M + 512, M));
+        // A stream of 1 MiB writes goes around once it has written the cutoff.
+        let around: Vec<bool> = (0..12).map(|k| c.goes_around(200 * M + k * M, M)).collect();
+        assert_eq!(around, [[false; 7].as_slice(), &[true; 5]].concat());
+        // Large writes elsewhere (not a stream) stay in the cache while there is room...
+        assert!(!c.goes_around(500 * M, M));
+        // ...and go around once unpushed data is at its limit.
+        c.store_local(0, &vec![1u8; 4 * M as usize], false)
+            .expect("dirty data");
+        assert!(c.goes_around(700 * M, M));
+        assert!(
+            !c.goes_around(900 * M, 64 * 1024),
+            "a small write waits instead"
+        );
+        // Cutoff 0: streams never go around by themselves.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let off = cache(dir.path(), 64 * M, 0);
+        assert!((0..32).all(|k| !off.goes_around(k * M, M)));
+    }
+
     #[test]
     fn streams_follow_sequential_writes_served_a_little_out_of_order() {
         let mut s = Streams::default();
