@@ -8,8 +8,10 @@
 //! binary or external tool fails loudly ([`bin`], [`require_tool`]).
 
 mod cluster;
+mod process;
 
 pub use cluster::{ClusterOpts, LocalCluster};
+pub use process::Running;
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -181,24 +183,7 @@ pub fn run_command(
         }
         let out = scope.spawn(move || read_all(&mut stdout));
         let err = scope.spawn(move || read_all(&mut stderr));
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!(
-                        "{shown} did not finish within {} s; killed",
-                        timeout.as_secs()
-                    ));
-                }
-                Err(e) => return Err(format!("waiting for {shown}: {e}")),
-            }
-        };
+        let status = process::wait_or_kill(&mut child, &shown, timeout)?;
         let stdout = out.join().map_err(|_| "stdout reader panicked")?;
         let stderr = err.join().map_err(|_| "stderr reader panicked")?;
         Ok(Output {

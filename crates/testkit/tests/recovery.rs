@@ -10,15 +10,13 @@
 
 use serde_json::Value;
 use std::collections::HashMap;
-use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use testkit::{
     bin, describe, random_bytes, random_file, sha256_of, tool, wait_until, ClusterOpts,
-    LocalCluster,
+    LocalCluster, Running,
 };
 
 const MIB: usize = 1 << 20;
@@ -38,83 +36,6 @@ const SHEEP_START_TIMEOUT: Duration = Duration::from_secs(30);
 const SHEEP_STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 // ----- running tools -------------------------------------------------------------------
-
-/// A started child process whose output is collected in the background; killed if it is
-/// dropped before it was waited for (a failing test leaves nothing behind).
-struct Running {
-    child: Option<Child>,
-    shown: String,
-    stdout: Option<JoinHandle<Vec<u8>>>,
-    stderr: Option<JoinHandle<Vec<u8>>>,
-}
-
-impl Running {
-    fn spawn(mut cmd: Command) -> Running {
-        let shown = format!("{cmd:?}");
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
-        let mut out = child.stdout.take().expect("stdout is piped");
-        let mut err = child.stderr.take().expect("stderr is piped");
-        Running {
-            child: Some(child),
-            shown,
-            stdout: Some(std::thread::spawn(move || read_all(&mut out))),
-            stderr: Some(std::thread::spawn(move || read_all(&mut err))),
-        }
-    }
-
-    /// Waits for the process to exit; kills it and fails the test after `timeout`.
-    fn wait(mut self, timeout: Duration) -> Output {
-        let mut child = self.child.take().expect("waited once");
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "{} did not finish within {} s; killed",
-                        self.shown,
-                        timeout.as_secs()
-                    );
-                }
-                Err(e) => panic!("waiting for {}: {e}", self.shown),
-            }
-        };
-        Output {
-            status,
-            stdout: self.stdout.take().map(join_reader).unwrap_or_default(),
-            stderr: self.stderr.take().map(join_reader).unwrap_or_default(),
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn read_all(pipe: &mut impl Read) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let _ = pipe.read_to_end(&mut buf);
-    buf
-}
-
-fn join_reader(handle: JoinHandle<Vec<u8>>) -> Vec<u8> {
-    handle.join().expect("output reader thread")
-}
 
 /// Runs `cmd` to completion and asserts it succeeded; `what` names it on failure.
 fn run_ok(cmd: Command, what: &str) -> Output {

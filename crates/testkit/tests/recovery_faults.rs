@@ -8,12 +8,11 @@
 
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
-use testkit::{describe, random_bytes, sha256_of, tool, wait_until, ClusterOpts, LocalCluster};
+use std::process::Output;
+use std::time::Duration;
+use testkit::{
+    describe, random_bytes, sha256_of, tool, wait_until, ClusterOpts, LocalCluster, Running,
+};
 
 const MIB: usize = 1 << 20;
 const KIB: usize = 1 << 10;
@@ -23,118 +22,6 @@ const RECOVERY_TIMEOUT_SECS: &str = "110";
 const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one run of an NBD client tool may take.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
-
-// ----- running tools -------------------------------------------------------------------
-
-/// A started child process. Its stdout is passed on line by line (so a test can react
-/// to progress) and collected; stderr is collected. Killed if dropped before it was
-/// waited for, so a failing test leaves nothing behind.
-struct Running {
-    child: Option<Child>,
-    shown: String,
-    lines: mpsc::Receiver<String>,
-    stdout: Option<JoinHandle<Vec<u8>>>,
-    stderr: Option<JoinHandle<Vec<u8>>>,
-}
-
-impl Running {
-    fn spawn(mut cmd: Command) -> Running {
-        let shown = format!("{cmd:?}");
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
-        let out = child.stdout.take().expect("stdout is piped");
-        let mut err = child.stderr.take().expect("stderr is piped");
-        let (send, lines) = mpsc::channel();
-        let stdout = std::thread::spawn(move || {
-            let mut all = Vec::new();
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                all.extend_from_slice(line.as_bytes());
-                all.push(b'\n');
-                let _ = send.send(line);
-            }
-            all
-        });
-        let stderr = std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = err.read_to_end(&mut buf);
-            buf
-        });
-        Running {
-            child: Some(child),
-            shown,
-            lines,
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-        }
-    }
-
-    /// Whether the process has not exited yet.
-    fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    /// Waits for a stdout line containing `marker`; false if the process closed its
-    /// stdout or `timeout` passed first.
-    fn wait_for_line(&self, marker: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(marker) => return true,
-                Ok(_) => {}
-                Err(_) => return false,
-            }
-        }
-    }
-
-    /// Waits for the process to exit; kills it and fails the test after `timeout`.
-    fn wait(mut self, timeout: Duration) -> Output {
-        let mut child = self.child.take().expect("waited once");
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "{} did not finish within {} s; killed",
-                        self.shown,
-                        timeout.as_secs()
-                    );
-                }
-                Err(e) => panic!("waiting for {}: {e}", self.shown),
-            }
-        };
-        let join = |h: Option<JoinHandle<Vec<u8>>>| {
-            h.map(|h| h.join().expect("output reader thread"))
-                .unwrap_or_default()
-        };
-        Output {
-            status,
-            stdout: join(self.stdout.take()),
-            stderr: join(self.stderr.take()),
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 // ----- NBD clients ---------------------------------------------------------------------
 
