@@ -8,9 +8,11 @@
 //! binary or external tool fails loudly ([`bin`], [`require_tool`]).
 
 mod cluster;
+mod nbdsh;
 mod process;
 
 pub use cluster::{ClusterOpts, LocalCluster};
+pub use nbdsh::{nbd_sha256, nbdsh, nbdsh_spawn};
 pub use process::Running;
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};

@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use testkit::{
-    bin, describe, random_bytes, random_file, sha256_of, tool, wait_until, ClusterOpts,
-    LocalCluster, Running,
+    bin, describe, nbd_sha256, nbdsh, random_bytes, random_file, sha256_of, tool, wait_until,
+    ClusterOpts, LocalCluster, Running,
 };
 
 const MIB: usize = 1 << 20;
@@ -46,14 +46,6 @@ fn run_ok(cmd: Command, what: &str) -> Output {
 
 // ----- NBD clients ---------------------------------------------------------------------
 
-/// Runs a Python `script` in nbdsh connected to `url` (the handle is `h`); its stdout.
-fn nbdsh(url: &str, script: &str, what: &str) -> String {
-    let mut cmd = tool("nbdsh");
-    cmd.args(["-u", url, "-c", script]);
-    let out = run_ok(cmd, &format!("nbdsh {what} on {url}"));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Writes `data` at `offset` of the export at `url` (1 MiB NBD writes), then FLUSHes.
 fn nbd_write(url: &str, offset: u64, data: &[u8]) {
     let file = tempfile::NamedTempFile::new().expect("temp file for nbdsh");
@@ -77,23 +69,6 @@ fn nbd_write(url: &str, offset: u64, data: &[u8]) {
         "nbdsh wrote less than {} bytes to {url}: {out}",
         data.len()
     );
-}
-
-/// The sha256 of `len` bytes at `offset` of the export at `url`, read with nbdsh.
-fn nbd_sha256(url: &str, offset: u64, len: u64) -> String {
-    let script = format!(
-        "import hashlib\n\
-         s = hashlib.sha256()\n\
-         off, end = {offset}, {end}\n\
-         while off < end:\n\
-         \x20   n = min(4 << 20, end - off)\n\
-         \x20   s.update(h.pread(n, off))\n\
-         \x20   off += n\n\
-         print(s.hexdigest())\n",
-        end = offset + len
-    );
-    let out = nbdsh(url, &script, "sha256");
-    out.lines().last().unwrap_or_default().trim().to_string()
 }
 
 /// Asserts that the whole of `expected` reads back at offset 0 of `url`.

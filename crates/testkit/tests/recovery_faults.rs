@@ -11,7 +11,8 @@ use serde_json::Value;
 use std::process::Output;
 use std::time::Duration;
 use testkit::{
-    describe, random_bytes, sha256_of, tool, wait_until, ClusterOpts, LocalCluster, Running,
+    describe, nbd_sha256, nbdsh, nbdsh_spawn, random_bytes, sha256_of, tool, wait_until,
+    ClusterOpts, LocalCluster, Running,
 };
 
 const MIB: usize = 1 << 20;
@@ -24,24 +25,6 @@ const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
 
 // ----- NBD clients ---------------------------------------------------------------------
-
-/// Runs a Python `script` in nbdsh connected to `url` (the handle is `h`); not waited for.
-fn nbdsh_spawn(url: &str, script: &str) -> Running {
-    let mut cmd = tool("nbdsh");
-    cmd.args(["-u", url, "-c", script]);
-    Running::spawn(cmd)
-}
-
-/// Runs a Python `script` in nbdsh connected to `url` to completion; its stdout.
-fn nbdsh(url: &str, script: &str, what: &str) -> String {
-    let out = nbdsh_spawn(url, script).wait(TOOL_TIMEOUT);
-    assert!(
-        out.status.success(),
-        "nbdsh {what} on {url} failed\n{}",
-        describe(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A Python script for nbdsh writing `pieces` (offset, length) in order, their bytes
 /// read one after the other from `path`, in 128 KiB requests with a short pause between
@@ -83,23 +66,6 @@ fn nbd_write(url: &str, offset: u64, data: &[u8]) {
         out.contains("all pieces written"),
         "nbdsh did not finish writing to {url}: {out}"
     );
-}
-
-/// The sha256 of `len` bytes at `offset` of the export at `url`, read with nbdsh.
-fn nbd_sha256(url: &str, offset: u64, len: u64) -> String {
-    let script = format!(
-        "import hashlib\n\
-         s = hashlib.sha256()\n\
-         off, end = {offset}, {end}\n\
-         while off < end:\n\
-         \x20   n = min(4 << 20, end - off)\n\
-         \x20   s.update(h.pread(n, off))\n\
-         \x20   off += n\n\
-         print(s.hexdigest())\n",
-        end = offset + len
-    );
-    let out = nbdsh(url, &script, "sha256");
-    out.lines().last().unwrap_or_default().trim().to_string()
 }
 
 // ----- cluster probes ------------------------------------------------------------------
