@@ -249,6 +249,51 @@ impl LocalCluster {
         })
     }
 
+    /// Waits until node `i` lists `n` members; fails the test after 30 s.
+    pub fn assert_members(&self, i: u32, n: usize) {
+        const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
+        assert!(
+            self.wait_members(i, n, MEMBERSHIP_TIMEOUT),
+            "node {i} does not list {n} members after {} s (it lists {:?})",
+            MEMBERSHIP_TIMEOUT.as_secs(),
+            self.member_count(i)
+        );
+    }
+
+    /// `dog node recovery --wait` asked at node `i` (at most 110 s): blocks until every
+    /// member has recovered at the current epoch; the final per-node progress report.
+    pub fn wait_recovered(&self, i: u32) -> serde_json::Value {
+        let report = self.dog_json(i, &["node", "recovery", "--wait", "--timeout", "110"]);
+        assert_eq!(
+            report["done"], true,
+            "dog node recovery --wait returned before recovery was done: {report:#}"
+        );
+        report
+    }
+
+    /// `dog cluster check --json` at node `i` must exit 0 with no problem (`when` says
+    /// at which point of the test); the number of objects checked.
+    pub fn assert_check_clean(&self, i: u32, when: &str) -> u64 {
+        let out = self.dog_at(i, &["cluster", "check", "--json"]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "dog cluster check --json printed bad JSON ({e})\n{}",
+                describe(&out)
+            )
+        });
+        let problems = report["problems"].as_array().cloned().unwrap_or_default();
+        assert!(
+            out.status.success() && problems.is_empty(),
+            "{when}: dog cluster check is not clean: {} problem(s)\n{:#}\n{}",
+            problems.len(),
+            report["problems"],
+            describe(&out)
+        );
+        report["objects_checked"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("check report has no objects_checked: {report}"))
+    }
+
     /// Crashes node `i` (`dog local kill`, SIGKILL), asserting success.
     pub fn kill(&self, i: u32) {
         let out = self.local("kill", &[&i.to_string()]);

@@ -24,10 +24,6 @@ const MIB: usize = 1 << 20;
 const OBJECT_SIZE: u64 = 4 << 20;
 /// The largest single recovery transfer: an inode object (4 KiB header + 4 MiB table).
 const INODE_OBJECT_SIZE: u64 = 4096 + (4 << 20);
-/// `dog node recovery --wait --timeout`: recovery of these tests takes seconds.
-const RECOVERY_TIMEOUT_SECS: &str = "110";
-/// How long a membership change may take to show in `dog node list`.
-const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one run of an NBD client tool may take.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a directly started sheep may take to serve.
@@ -90,42 +86,12 @@ fn nbdcopy_into(file: &std::path::Path, url: &str) {
 
 // ----- cluster probes ------------------------------------------------------------------
 
-/// Waits until node `i` lists `n` members; fails the test after MEMBERSHIP_TIMEOUT.
-fn wait_membership(cluster: &LocalCluster, i: u32, n: usize) {
-    assert!(
-        cluster.wait_members(i, n, MEMBERSHIP_TIMEOUT),
-        "node {i} does not list {n} members after {} s (it lists {:?})",
-        MEMBERSHIP_TIMEOUT.as_secs(),
-        cluster.member_count(i)
-    );
-}
-
 /// The current epoch as node `i` sees it.
 fn epoch(cluster: &LocalCluster, i: u32) -> u64 {
     let info = cluster.dog_json(i, &["cluster", "info"]);
     info["epoch"]
         .as_u64()
         .unwrap_or_else(|| panic!("cluster info has no epoch: {info}"))
-}
-
-/// `dog node recovery --wait` asked at node `i`: blocks until every member has recovered
-/// at the current epoch; returns the final per-node progress report.
-fn wait_recovered(cluster: &LocalCluster, i: u32) -> Value {
-    let report = cluster.dog_json(
-        i,
-        &[
-            "node",
-            "recovery",
-            "--wait",
-            "--timeout",
-            RECOVERY_TIMEOUT_SECS,
-        ],
-    );
-    assert_eq!(
-        report["done"], true,
-        "dog node recovery --wait returned before recovery was done: {report:#}"
-    );
-    report
 }
 
 /// Each member's recovery counters (`dog node recovery --json` at node `i`), by address.
@@ -150,29 +116,6 @@ fn recovery_counters(cluster: &LocalCluster, i: u32) -> HashMap<String, Value> {
 fn recovery_in_progress(cluster: &LocalCluster, i: u32) -> bool {
     let report = cluster.dog_json(i, &["node", "recovery"]);
     report["done"] != true
-}
-
-/// `dog cluster check --json` at node `i` must exit 0 with no problem; returns the
-/// number of objects checked.
-fn assert_check_clean(cluster: &LocalCluster, i: u32) -> u64 {
-    let out = cluster.dog_at(i, &["cluster", "check", "--json"]);
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "dog cluster check --json printed bad JSON ({e})\n{}",
-            describe(&out)
-        )
-    });
-    let problems = report["problems"].as_array().cloned().unwrap_or_default();
-    assert!(
-        out.status.success() && problems.is_empty(),
-        "dog cluster check is not clean: {} problem(s)\n{:#}\n{}",
-        problems.len(),
-        report["problems"],
-        describe(&out)
-    );
-    report["objects_checked"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("check report has no objects_checked: {report}"))
 }
 
 /// Objects in each node's store (`dog node info --json` of every node index in `nodes`).
@@ -323,15 +266,15 @@ fn killed_node_copies_are_rereplicated_to_the_three_live_nodes_and_256mib_read_b
 
     eprintln!("phase: node 2 is killed; the cluster must notice and move to a new epoch");
     cluster.kill(2);
-    wait_membership(&cluster, 0, 3);
+    cluster.assert_members(0, 3);
     assert!(
         epoch(&cluster, 0) > epoch_before,
         "the crash did not start a new epoch"
     );
 
     eprintln!("phase: dog node recovery --wait, then every object must be on all 3 live nodes");
-    wait_recovered(&cluster, 0);
-    let checked = assert_check_clean(&cluster, 0);
+    cluster.wait_recovered(0);
+    let checked = cluster.assert_check_clean(0, "after healing");
     let objects = (size as u64) / OBJECT_SIZE + 1;
     assert_eq!(
         checked, objects,
@@ -371,8 +314,8 @@ fn returning_node_is_brought_up_to_date_and_its_nbd_port_serves_the_newest_data(
 
     eprintln!("phase: node 3 is killed; the others recover its copies");
     cluster.kill(3);
-    wait_membership(&cluster, 0, 3);
-    wait_recovered(&cluster, 0);
+    cluster.assert_members(0, 3);
+    cluster.wait_recovered(0);
     let epoch_away = epoch(&cluster, 0);
 
     eprintln!("phase: while node 3 is away: the first 32 MiB rewritten, 64 KiB changed in each later object, 32 MiB appended");
@@ -401,15 +344,15 @@ fn returning_node_is_brought_up_to_date_and_its_nbd_port_serves_the_newest_data(
         &expected,
         "node 3 right after its return",
     );
-    wait_membership(&cluster, 0, 4);
+    cluster.assert_members(0, 4);
     assert!(
         epoch(&cluster, 0) > epoch_away,
         "the rejoin did not start a new epoch"
     );
 
     eprintln!("phase: recovery brings node 3 up to date; cluster check exits 0; reads through node 3 still newest");
-    wait_recovered(&cluster, 0);
-    let checked = assert_check_clean(&cluster, 0);
+    cluster.wait_recovered(0);
+    let checked = cluster.assert_check_clean(0, "after healing");
     assert_eq!(checked, 24 + 1, "v1 has 24 data objects and its inode");
     assert_nbd_matches(
         &cluster.nbd_url(3, "v1/ro"),
@@ -437,14 +380,14 @@ fn returning_node_with_throttled_recovery_never_serves_its_stale_copies() {
 
     eprintln!("phase: node 3 is killed and every object of v1 rewritten while it is away");
     cluster.kill(3);
-    wait_membership(&cluster, 0, 3);
-    wait_recovered(&cluster, 0);
+    cluster.assert_members(0, 3);
+    cluster.wait_recovered(0);
     let new = random_bytes(size, 52);
     nbd_write(&cluster.nbd_url(0, "v1"), 0, &new);
 
     eprintln!("phase: node 3 restarted with --recovery-max-rate 1M, so most of its copies stay stale for a while");
     let node3 = HandStartedSheep::start(&cluster, 3, &["--recovery-max-rate", "1M"]);
-    wait_membership(&cluster, 0, 4);
+    cluster.assert_members(0, 4);
     let before = recovery_counters(&cluster, 0)[&cluster.peer_addr(3)].clone();
     eprintln!("  node 3 recovery before the reads: {before}");
 
@@ -470,8 +413,8 @@ fn returning_node_with_throttled_recovery_never_serves_its_stale_copies() {
         "phase: throttle lifted at run time (set-throttle 0); recovery finishes; check clean"
     );
     cluster.dog_ok(&["node", "recovery", "set-throttle", "0"]);
-    wait_recovered(&cluster, 0);
-    assert_check_clean(&cluster, 0);
+    cluster.wait_recovered(0);
+    cluster.assert_check_clean(0, "after healing");
     assert_nbd_matches(&cluster.nbd_url(3, "v1/ro"), &new, "node 3 after recovery");
     drop(node3);
 }
@@ -493,15 +436,15 @@ fn added_fifth_node_takes_its_share_of_objects_and_the_data_still_matches() {
 
     eprintln!("phase: a fifth sheep is started against the same cluster directory; it must join at a new epoch");
     let node4 = HandStartedSheep::start(&cluster, 4, &[]);
-    wait_membership(&cluster, 0, 5);
+    cluster.assert_members(0, 5);
     assert!(
         epoch(&cluster, 0) > epoch_before,
         "the join did not start a new epoch"
     );
 
     eprintln!("phase: after recovery the check passes and the new node holds about its share");
-    wait_recovered(&cluster, 0);
-    let checked = assert_check_clean(&cluster, 0);
+    cluster.wait_recovered(0);
+    let checked = cluster.assert_check_clean(0, "after healing");
     let held = objects_per_node(&cluster, &[0, 1, 2, 3, 4]);
     let share = checked as f64 * 3.0 / 5.0;
     eprintln!("  {checked} objects, 3 copies; per node {held:?}; a fair share is {share:.1}");
@@ -552,7 +495,7 @@ fn dog_local_start_of_a_new_index_adds_a_node() {
         "dog local start 3 on a 3-node local cluster failed\n{}",
         describe(&out)
     );
-    wait_membership(&cluster, 0, 4);
+    cluster.assert_members(0, 4);
     assert!(
         epoch(&cluster, 0) > epoch_before,
         "the join did not start a new epoch"
@@ -641,8 +584,8 @@ fn cluster_shutdown_and_restart_of_every_node_returns_every_vdi_identical() {
     eprintln!(
         "phase: back in service: every VDI reads back identical through every node; check clean"
     );
-    wait_recovered(&cluster, 0);
-    assert_check_clean(&cluster, 0);
+    cluster.wait_recovered(0);
+    cluster.assert_check_clean(0, "after healing");
     for gateway in 0..3 {
         for (name, image) in vdis {
             assert_nbd_matches(
@@ -755,7 +698,7 @@ fn recovery_throttle_holds_by_the_daemons_counters_while_client_io_goes_on() {
         "phase: node 3 is killed; nodes 0-2 re-replicate its copies (~96 MiB) under the throttle"
     );
     cluster.kill(3);
-    wait_membership(&cluster, 0, 3);
+    cluster.assert_members(0, 3);
     let started = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
         recovery_counters(&cluster, 0)
             .values()
@@ -783,10 +726,10 @@ fn recovery_throttle_holds_by_the_daemons_counters_while_client_io_goes_on() {
     );
 
     eprintln!("phase: recovery finishes; check clean and v1 intact");
-    wait_recovered(&cluster, 0);
+    cluster.wait_recovered(0);
     // Counters first: the reads below could only add on-demand recovery to them.
     let after = recovery_counters(&cluster, 0);
-    assert_check_clean(&cluster, 0);
+    cluster.assert_check_clean(0, "after healing");
     assert_nbd_matches(
         &cluster.nbd_url(0, "v1/ro"),
         &expected,
@@ -823,18 +766,18 @@ fn recovery_throttle_holds_by_the_daemons_counters_while_client_io_goes_on() {
         "phase: node 3 restarted with sheep --recovery-max-rate 4M (the start-time throttle)"
     );
     let node3 = HandStartedSheep::start(&cluster, 3, &["--recovery-max-rate", "4M"]);
-    wait_membership(&cluster, 0, 4);
+    cluster.assert_members(0, 4);
     let node3_addr = cluster.peer_addr(3);
     assert_eq!(
         recovery_counters(&cluster, 0)[&node3_addr]["throttle_bps"],
         limit,
         "node 3 does not report its --recovery-max-rate"
     );
-    wait_recovered(&cluster, 0);
+    cluster.wait_recovered(0);
     let after = recovery_counters(&cluster, 0);
 
     eprintln!("phase: check clean; v1 and scratch read back through node 3");
-    assert_check_clean(&cluster, 0);
+    cluster.assert_check_clean(0, "after healing");
     assert_nbd_matches(&cluster.nbd_url(3, "v1/ro"), &expected, "v1 through node 3");
     assert_eq!(
         nbd_sha256(&cluster.nbd_url(3, "scratch/ro"), 0, scratch.len() as u64),

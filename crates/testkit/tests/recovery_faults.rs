@@ -17,10 +17,6 @@ use testkit::{
 
 const MIB: usize = 1 << 20;
 const KIB: usize = 1 << 10;
-/// `dog node recovery --wait --timeout`: recovery of these tests takes seconds.
-const RECOVERY_TIMEOUT_SECS: &str = "110";
-/// How long a membership change may take to show in `dog node list`.
-const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one run of an NBD client tool may take.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -69,54 +65,6 @@ fn nbd_write(url: &str, offset: u64, data: &[u8]) {
 }
 
 // ----- cluster probes ------------------------------------------------------------------
-
-/// Waits until node `i` lists `n` members; fails the test after MEMBERSHIP_TIMEOUT.
-fn wait_membership(cluster: &LocalCluster, i: u32, n: usize) {
-    assert!(
-        cluster.wait_members(i, n, MEMBERSHIP_TIMEOUT),
-        "node {i} does not list {n} members after {} s (it lists {:?})",
-        MEMBERSHIP_TIMEOUT.as_secs(),
-        cluster.member_count(i)
-    );
-}
-
-/// `dog node recovery --wait` asked at node `i`: blocks until every member has recovered
-/// at the current epoch.
-fn wait_recovered(cluster: &LocalCluster, i: u32) {
-    let report = cluster.dog_json(
-        i,
-        &[
-            "node",
-            "recovery",
-            "--wait",
-            "--timeout",
-            RECOVERY_TIMEOUT_SECS,
-        ],
-    );
-    assert_eq!(
-        report["done"], true,
-        "dog node recovery --wait returned before recovery was done: {report:#}"
-    );
-}
-
-/// `dog cluster check --json` at node `i` must exit 0 with no problem.
-fn assert_check_clean(cluster: &LocalCluster, i: u32, when: &str) {
-    let out = cluster.dog_at(i, &["cluster", "check", "--json"]);
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "dog cluster check --json printed bad JSON ({e})\n{}",
-            describe(&out)
-        )
-    });
-    let problems = report["problems"].as_array().cloned().unwrap_or_default();
-    assert!(
-        out.status.success() && problems.is_empty(),
-        "{when}: dog cluster check is not clean: {} problem(s)\n{:#}\n{}",
-        problems.len(),
-        report["problems"],
-        describe(&out)
-    );
-}
 
 /// Data objects VDI `name` owns (`dog vdi list --json`: allocated_objects).
 fn allocated_objects(cluster: &LocalCluster, name: &str) -> u64 {
@@ -199,8 +147,8 @@ fn fio_crc32c_verify_through_a_gateway_survives_a_node_kill_and_restart() {
 
     eprintln!("phase: node 2 is killed while fio writes; the survivors recover its copies");
     cluster.kill(2);
-    wait_membership(&cluster, 0, 3);
-    wait_recovered(&cluster, 0);
+    cluster.assert_members(0, 3);
+    cluster.wait_recovered(0);
     assert!(
         fio.is_running(),
         "fio ended before node 2 was restarted: pace it slower"
@@ -208,7 +156,7 @@ fn fio_crc32c_verify_through_a_gateway_survives_a_node_kill_and_restart() {
 
     eprintln!("phase: node 2 restarted while fio still writes");
     cluster.start(2);
-    wait_membership(&cluster, 0, 4);
+    cluster.assert_members(0, 4);
     assert!(
         fio.is_running(),
         "fio ended before node 2 had rejoined: pace it slower"
@@ -230,8 +178,8 @@ fn fio_crc32c_verify_through_a_gateway_survives_a_node_kill_and_restart() {
     );
 
     eprintln!("phase: recovery done, check clean, and a verify-only fio pass through node 3 finds every block intact");
-    wait_recovered(&cluster, 0);
-    assert_check_clean(&cluster, 0, "after fio");
+    cluster.wait_recovered(0);
+    cluster.assert_check_clean(0, "after fio");
     let mut cmd = tool("fio");
     cmd.args(fio_args(&cluster.nbd_url(3, "f"), "96M", "0"))
         .arg("--verify_only");
@@ -319,7 +267,7 @@ fn twenty_rounds_of_killing_a_random_node_while_writing_lose_no_data() {
             describe(&out)
         );
         apply_pieces(&mut model, &pieces, &data);
-        wait_membership(&cluster, gateway, 3);
+        cluster.assert_members(gateway, 3);
 
         let away = random_pieces(&mut rng);
         eprintln!("round {round}: written while node {victim} is away: {away:?}");
@@ -336,8 +284,8 @@ fn twenty_rounds_of_killing_a_random_node_while_writing_lose_no_data() {
 
         eprintln!("round {round}: node {victim} restarted; waiting for the rejoin and recovery");
         cluster.start(victim);
-        wait_membership(&cluster, gateway, 4);
-        wait_recovered(&cluster, gateway);
+        cluster.assert_members(gateway, 4);
+        cluster.wait_recovered(gateway);
 
         eprintln!("round {round}: verifying all data through node {gateway} and node {victim}, and the check");
         let want = sha256_of(&model);
@@ -348,6 +296,6 @@ fn twenty_rounds_of_killing_a_random_node_while_writing_lose_no_data() {
                 "round {round} (seed {seed}): the VDI read through node {reader} differs from what was written"
             );
         }
-        assert_check_clean(&cluster, gateway, &format!("round {round} (seed {seed})"));
+        cluster.assert_check_clean(gateway, &format!("round {round} (seed {seed})"));
     }
 }
