@@ -18,11 +18,7 @@ impl Payload {
     /// Checksums `data` now (one pass): per block when it is whole blocks, else whole.
     pub fn summed(data: Bytes) -> Payload {
         match block_crcs(&data) {
-            Some(blocks) => Payload {
-                crc: Some(concat_crc(&blocks)),
-                blocks: Some(blocks.into()),
-                data,
-            },
+            Some(blocks) => Payload::with_sums(data, blocks),
             None => Payload {
                 crc: Some(crc32c::crc32c(&data)),
                 blocks: None,
@@ -31,18 +27,14 @@ impl Payload {
         }
     }
 
-    /// A payload whose block crcs are known (`blocks[i]` is the crc32c of block `i`).
+    /// A payload whose block crcs were just computed from it (`blocks[i]` is the
+    /// crc32c of block `i`, as `block_crcs` gives them).
     pub(crate) fn with_sums(data: Bytes, blocks: Vec<u32>) -> Payload {
-        debug_assert_eq!(block_crcs(&data).as_deref(), Some(&blocks[..]));
         Payload {
             crc: Some(concat_crc(&blocks)),
             blocks: Some(blocks.into()),
             data,
         }
-    }
-
-    pub fn data(&self) -> &Bytes {
-        &self.data
     }
 
     pub fn into_data(self) -> Bytes {

@@ -70,8 +70,9 @@ pub const WRITE_PIECE: u64 = 64 * 1024;
 /// The page cache sizes the folio a write creates after the write (seen on Linux 6.18
 /// with ext4's large folios): one 4 MiB write leaves 2 MiB folios, and every later small
 /// write into such a folio (and its writeback) walks all of its per-block buffers, which
-/// made a 4 KiB write about 3.5× dearer (6.4 µs against 1.8 µs). Objects are written whole and then rewritten 4 KiB at a time, so
-/// their files are written in pieces that keep folios small.
+/// made a 4 KiB write about 3.5× dearer (6.4 µs against 1.8 µs). Objects are written
+/// whole and then rewritten 4 KiB at a time, so their files are written in pieces that
+/// keep folios small.
 pub fn write_all_at_in_pieces(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     let mut done = 0usize;
